@@ -1,0 +1,113 @@
+"""The one configuration object of hiftune."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ORDERS = ("bottom2up", "top2down", "random")
+OFFLOADS = ("none", "host", "disk")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+Order = Literal["bottom2up", "top2down", "random"]
+Offload = Literal["none", "host", "disk"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class HiFTConfig:
+    """How HiFT splits a model into groups and trains them.
+
+    Every field is validated on construction; a bad value raises ``ValueError`` naming the field
+    and what is allowed.
+
+    Attributes:
+        units_per_group: m, the number of consecutive units trained together in one step (>= 1).
+            The number of groups is ``k = ceil(n / m)`` for a model of n units.
+        order: The order in which groups are trained: ``"bottom2up"`` (embedding first),
+            ``"top2down"`` (head first) or ``"random"`` (shuffled once with ``seed``, then fixed).
+        seed: Seed of the ``"random"`` order.
+        units: Optional override of the unit split: a mapping from unit name to the parameter
+            names (regular expressions, matched in full against ``model.named_parameters()``
+            names) of that unit, in bottom-up order. Every trainable parameter must match exactly
+            one unit.
+        blocks: Optional dotted path of the container that holds the transformer blocks (e.g.
+            ``"model.layers"``), for models where the automatic search picks the wrong one.
+        offload: Where inactive groups' optimizer state (and fp32 master weights) live:
+            ``"none"`` (where the optimizer put it), ``"host"`` (CPU memory; pinned on CUDA) or
+            ``"disk"`` (safetensors files under ``offload_dir``).
+        offload_dir: Directory for ``offload="disk"``. ``None`` uses a fresh temporary directory
+            that is removed when the optimizer is closed or garbage-collected.
+        prefetch: Load the next group's state in the background while the current step computes.
+        precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` for hierarchical mixed precision: the
+            model's weights stay in half precision and fp32 master weights exist only for the
+            active group on the device.
+        init_loss_scale: Initial dynamic loss scale for ``precision="fp16"``.
+        loss_scale_growth_interval: Steps without overflow after which the fp16 loss scale doubles.
+    """
+
+    units_per_group: int = field(default=1, metadata={"help": "Units per group (m >= 1)."})
+    order: Order = field(default="bottom2up", metadata={"help": f"One of {ORDERS}."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random order."})
+    units: Mapping[str, Sequence[str]] | None = field(
+        default=None, metadata={"help": "Override: unit name -> parameter-name regexes."}
+    )
+    blocks: str | None = field(
+        default=None, metadata={"help": "Dotted path of the block container, e.g. model.layers."}
+    )
+    offload: Offload = field(default="host", metadata={"help": f"One of {OFFLOADS}."})
+    offload_dir: str | None = field(default=None, metadata={"help": "Directory for disk paging."})
+    prefetch: bool = field(default=True, metadata={"help": "Prefetch the next group's state."})
+    precision: Precision = field(default="fp32", metadata={"help": f"One of {PRECISIONS}."})
+    init_loss_scale: float = field(default=2.0**16, metadata={"help": "fp16 initial loss scale."})
+    loss_scale_growth_interval: int = field(
+        default=2000, metadata={"help": "fp16: steps without overflow before the scale doubles."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.units_per_group, bool) or not isinstance(self.units_per_group, int):
+            raise ValueError(
+                f"units_per_group must be an integer >= 1, got {self.units_per_group!r}"
+            )
+        if self.units_per_group < 1:
+            raise ValueError(f"units_per_group must be >= 1, got {self.units_per_group}")
+        _check_choice("order", self.order, ORDERS)
+        _check_choice("offload", self.offload, OFFLOADS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.units is not None:
+            if not isinstance(self.units, Mapping) or not self.units:
+                raise ValueError(
+                    "units must be a non-empty mapping of unit name -> list of parameter-name "
+                    f"regexes, got {self.units!r}"
+                )
+            for name, patterns in self.units.items():
+                if isinstance(patterns, str) or not isinstance(patterns, Sequence) or not patterns:
+                    raise ValueError(
+                        f"units[{name!r}] must be a non-empty list of regexes, got {patterns!r}"
+                    )
+        if self.blocks is not None and self.units is not None:
+            raise ValueError("give either units (a full override) or blocks, not both")
+        if self.offload_dir is not None and self.offload != "disk":
+            raise ValueError(f"offload_dir is only used with offload='disk', not {self.offload!r}")
+        if not self.init_loss_scale > 0:
+            raise ValueError(f"init_loss_scale must be > 0, got {self.init_loss_scale}")
+        if self.loss_scale_growth_interval < 1:
+            raise ValueError(
+                f"loss_scale_growth_interval must be >= 1, got {self.loss_scale_growth_interval}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as plain Python values (safe for JSON and ``torch.load``)."""
+        out = dataclasses.asdict(self)
+        if out["units"] is not None:
+            out["units"] = {k: list(v) for k, v in out["units"].items()}
+        return out
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

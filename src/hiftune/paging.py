@@ -1,0 +1,263 @@
+"""Where the tensors of inactive groups live: in place, in host memory, or on disk.
+
+HiFT trains one group per step, so the optimizer state (and, in mixed precision, the fp32 master
+weights) of every other group is idle. A :class:`StateStore` holds those idle tensors, keyed by
+group index, and hands them back on the training device when their group becomes active again.
+Stores deal in flat ``{name: tensor}`` dicts and know nothing about optimizers.
+
+The optimizer drives a store with three calls per step: ``put`` the group it just stepped,
+``prefetch`` the group that trains next (so the copy or file read overlaps the forward and
+backward pass), and ``get`` that group when its step comes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+Tensors = dict[str, torch.Tensor]
+
+
+class StateStore(ABC):
+    """Holds flat tensor dicts of inactive groups off the training device."""
+
+    @abstractmethod
+    def put(self, key: int, tensors: Tensors) -> None:
+        """Takes ownership of ``tensors`` (the caller drops its references)."""
+
+    @abstractmethod
+    def get(self, key: int) -> Tensors:
+        """Removes ``key`` from the store and returns its tensors, each on the device it had."""
+
+    def prefetch(self, key: int) -> None:  # noqa: B027 - optional hook
+        """Starts bringing ``key`` back in the background (a hint; may do nothing)."""
+
+    @abstractmethod
+    def peek(self, key: int) -> Tensors:
+        """Returns a CPU copy (or view) of ``key`` without changing where it lives."""
+
+    @abstractmethod
+    def __contains__(self, key: int) -> bool: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Releases files and threads; the store is unusable afterwards."""
+
+
+class KeepStore(StateStore):
+    """``offload="none"``: tensors stay where they are (on the training device)."""
+
+    def __init__(self) -> None:
+        self._data: dict[int, Tensors] = {}
+
+    def put(self, key: int, tensors: Tensors) -> None:
+        self._data[key] = tensors
+
+    def get(self, key: int) -> Tensors:
+        return self._data.pop(key, {})
+
+    def peek(self, key: int) -> Tensors:
+        return {k: v.detach().to("cpu") for k, v in self._data.get(key, {}).items()}
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._data
+
+
+class HostStore(StateStore):
+    """``offload="host"``: tensors live in CPU memory.
+
+    On CUDA the host copies are pinned and both directions are non-blocking: the copy out is
+    queued on the current stream, and a prefetch copies back on a side stream that the compute
+    stream waits for only when the step needs the tensors. On a CPU device this store keeps the
+    tensors as they are (host memory is the device).
+    """
+
+    def __init__(self) -> None:
+        # key -> (host tensors, device each came from, event marking the end of the copy out)
+        self._host: dict[int, tuple[Tensors, dict[str, torch.device], torch.cuda.Event | None]] = {}
+        self._ready: dict[int, tuple[Tensors, torch.cuda.Event]] = {}
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def put(self, key: int, tensors: Tensors) -> None:
+        out: Tensors = {}
+        devices: dict[str, torch.device] = {}
+        event = None
+        for name, t in tensors.items():
+            devices[name] = t.device
+            if t.device.type == "cuda":
+                host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                out[name] = host
+            else:
+                out[name] = t
+        if any(d.type == "cuda" for d in devices.values()):
+            event = torch.cuda.Event()
+            event.record()
+        self._host[key] = (out, devices, event)
+
+    def prefetch(self, key: int) -> None:
+        if key not in self._host or key in self._ready:
+            return
+        host, devices, out_event = self._host[key]
+        cuda = {d for d in devices.values() if d.type == "cuda"}
+        if len(cuda) != 1:
+            return  # nothing to copy (CPU training), or a group spread over several GPUs
+        (device,) = cuda
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device=device)
+        stream = self._streams[device]
+        del self._host[key]
+        with torch.cuda.stream(stream):
+            if out_event is not None:
+                stream.wait_event(out_event)
+            moved = {k: v.to(devices[k], non_blocking=True) for k, v in host.items()}
+            in_event = torch.cuda.Event()
+            in_event.record(stream)
+        self._ready[key] = (moved, in_event)
+
+    def get(self, key: int) -> Tensors:
+        if key in self._ready:
+            moved, in_event = self._ready.pop(key)
+            for t in moved.values():
+                if t.device.type == "cuda":
+                    current = torch.cuda.current_stream(t.device)
+                    current.wait_event(in_event)
+                    # Allocated on the side stream, used on the compute stream from now on.
+                    t.record_stream(current)
+            return moved
+        host, devices, _ = self._host.pop(key, ({}, {}, None))
+        # Same stream as the copy out, so stream order makes this safe without a sync.
+        return {k: v.to(devices[k], non_blocking=True) for k, v in host.items()}
+
+    def peek(self, key: int) -> Tensors:
+        if key in self._ready:
+            self._ready[key][1].synchronize()
+            return {k: v.to("cpu") for k, v in self._ready[key][0].items()}
+        host, _, event = self._host.get(key, ({}, {}, None))
+        if event is not None:
+            event.synchronize()
+        return dict(host)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._host or key in self._ready
+
+
+class DiskStore(StateStore):
+    """``offload="disk"``: tensors live in one safetensors file per group.
+
+    Writes and reads run on one background thread, in submission order, so a prefetch of a group
+    always sees its latest write. Each file is written to a temporary name and renamed into place,
+    so a crash never leaves a file that loads as garbage. Files are removed by :meth:`close` (also
+    called when the store is garbage-collected or the interpreter exits).
+
+    Args:
+        directory: Where to write. ``None`` creates a temporary directory, removed on close.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        self._owns_dir = directory is None
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="hiftune-state-"))
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create offload_dir {self.directory}: {e}") from None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hiftune-disk")
+        self._writes: dict[int, Future[None]] = {}
+        self._reads: dict[int, Future[Tensors]] = {}
+        self._devices: dict[int, dict[str, torch.device]] = {}
+        self._finalizer = weakref.finalize(
+            self, _cleanup, self._pool, self.directory, self._owns_dir
+        )
+
+    def path(self, key: int) -> Path:
+        """The file that holds group ``key``."""
+        return self.directory / f"group_{key:04d}.safetensors"
+
+    def put(self, key: int, tensors: Tensors) -> None:
+        # Copy to host now (cheap on CPU, a device sync on CUDA), write in the background.
+        host = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        self._reads.pop(key, None)
+        self._devices[key] = {k: v.device for k, v in tensors.items()}
+        self._writes[key] = self._pool.submit(_atomic_save, host, self.path(key))
+
+    def prefetch(self, key: int) -> None:
+        if key in self._devices and key not in self._reads:
+            self._reads[key] = self._pool.submit(_load, self.path(key))
+
+    def get(self, key: int) -> Tensors:
+        if key not in self._devices:
+            return {}
+        self.prefetch(key)
+        tensors = self._reads.pop(key).result()
+        self._wait_write(key)
+        devices = self._devices.pop(key)
+        return {k: v.to(devices[k], non_blocking=True) for k, v in tensors.items()}
+
+    def peek(self, key: int) -> Tensors:
+        if key not in self._devices:
+            return {}
+        self._wait_write(key)
+        return _load(self.path(key))
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._devices
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def _wait_write(self, key: int) -> None:
+        future = self._writes.pop(key, None)
+        if future is not None:
+            future.result()  # re-raises a failed write (disk full, permissions) here
+
+
+def make_store(offload: str, directory: str | None = None) -> StateStore:
+    """Builds the store for ``HiFTConfig.offload``."""
+    if offload == "none":
+        return KeepStore()
+    if offload == "host":
+        return HostStore()
+    if offload == "disk":
+        return DiskStore(directory)
+    raise ValueError(f"offload must be one of none, host, disk; got {offload!r}")
+
+
+def _atomic_save(tensors: Tensors, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"hiftune could not write optimizer state to {path}: {e}") from e
+
+
+def _load(path: Path) -> Tensors:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise RuntimeError(
+            f"optimizer state file {path} is missing: it was deleted while training ran"
+        ) from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RuntimeError(f"optimizer state file {path} is corrupt or unreadable: {e}") from e
+
+
+def _cleanup(pool: ThreadPoolExecutor, directory: Path, owns_dir: bool) -> None:
+    pool.shutdown(wait=True)
+    if owns_dir:
+        shutil.rmtree(directory, ignore_errors=True)
+    else:
+        for f in directory.glob("group_*.safetensors*"):
+            f.unlink(missing_ok=True)
