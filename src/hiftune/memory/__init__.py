@@ -1,0 +1,1 @@
+"""Memory tooling: measure (``measure``), predict (``estimate``) and profile (``profile``)."""
