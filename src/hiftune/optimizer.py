@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 STATE_DICT_VERSION = 1
 
+ParamGroupsFn = Callable[[list[tuple[str, nn.Parameter]]], list[dict[str, Any]]]
+
 
 class HiFTOptimizer(torch.optim.Optimizer):
     """Hierarchical full-parameter fine-tuning around any PyTorch optimizer.
@@ -56,6 +58,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         optimizer_cls: Any ``torch.optim.Optimizer`` subclass (or a callable with the same
             signature), e.g. ``torch.optim.AdamW`` or ``transformers.optimization.Adafactor``.
         config: How to split, order, page and cast; defaults to :class:`HiFTConfig()`.
+        param_groups_fn: Optional per-parameter options: receives one group's ``(name, param)``
+            pairs and returns torch param-group dicts for them (e.g. weight decay 0 for biases and
+            norms). By default each HiFT group is one param group.
         **optimizer_kwargs: Passed unchanged to ``optimizer_cls`` for every group.
 
     Attributes:
@@ -70,6 +75,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         model: nn.Module,
         optimizer_cls: Callable[..., torch.optim.Optimizer],
         config: HiFTConfig | None = None,
+        *,
+        param_groups_fn: ParamGroupsFn | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -115,8 +122,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 for p in params:
                     p.data = p.data.to(self._dtype)
                 self._masters.append(masters)
-            step_params = self._masters[b] if self._mixed else params
-            self._inner.append(optimizer_cls([{"params": step_params}], **optimizer_kwargs))
+            param_groups = _param_groups(
+                list(zip(self._names[b], params, strict=True)),
+                self._masters[b] if self._mixed else params,
+                param_groups_fn,
+            )
+            self._inner.append(optimizer_cls(param_groups, **optimizer_kwargs))
             self._resident.add(b)
             # Some optimizers (Adagrad) create their state in __init__: page it out right away.
             self._page_out(b)
@@ -458,6 +469,32 @@ class HiFTOptimizer(torch.optim.Optimizer):
         for m in self._masters[b] if self._mixed else ():
             # Keep the Parameter object (the optimizer's state is keyed by it), drop its data.
             m.data = torch.empty(0, dtype=m.dtype, device=m.device)
+
+
+def _param_groups(
+    named: list[tuple[str, nn.Parameter]],
+    step_params: list[nn.Parameter],
+    fn: ParamGroupsFn | None,
+) -> list[dict[str, Any]]:
+    """One HiFT group's torch param groups, over the tensors its optimizer steps on."""
+    if fn is None:
+        return [{"params": list(step_params)}]
+    # In mixed precision the optimizer steps on fp32 masters: map each model parameter to its
+    # master, so the user's function can think in model parameters.
+    to_step = {id(p): s for (_, p), s in zip(named, step_params, strict=True)}
+    groups = []
+    placed = 0
+    for group in fn(named):
+        params = [to_step[id(p)] for p in group["params"]]
+        placed += len(params)
+        if params:
+            groups.append({**group, "params": params})
+    if placed != len(named):
+        raise ValueError(
+            f"param_groups_fn must place each of the {len(named)} parameters it is given exactly "
+            f"once; it placed {placed}"
+        )
+    return groups
 
 
 class DelayedLR:

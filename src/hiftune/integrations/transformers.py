@@ -1,0 +1,138 @@
+"""HiFT inside Hugging Face ``transformers.Trainer`` and TRL trainers, through their extension points.
+
+Nothing of the Trainer's loop is copied: :class:`HiFTTrainerMixin` overrides only the documented
+hooks ``create_optimizer`` and ``create_scheduler``. The Trainer then drives HiFT like any optimizer:
+it calls ``optimizer.step()`` once per *optimizer* step (so gradient accumulation trains one group
+over all micro-batches), clips with ``max_grad_norm`` (only the active group has gradients), and
+saves and restores ``optimizer.state_dict()`` in checkpoints (so ``resume_from_checkpoint`` restores
+the queue, the order, every group's state and the delayed scheduler).
+
+Example::
+
+    from hiftune import HiFTConfig
+    from hiftune.integrations.transformers import HiFTTrainer
+
+    trainer = HiFTTrainer(model=model, args=args, train_dataset=ds, hift_config=HiFTConfig())
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.optimization import get_scheduler
+
+from ..config import HiFTConfig
+from ..optimizer import HiFTOptimizer
+
+__all__ = ["HiFTCallback", "HiFTSFTTrainer", "HiFTTrainer", "HiFTTrainerMixin", "unwrap_hift"]
+
+
+def unwrap_hift(optimizer: Any) -> HiFTOptimizer | None:
+    """The :class:`HiFTOptimizer` inside ``optimizer`` (e.g. an accelerate wrapper), if any."""
+    while optimizer is not None and not isinstance(optimizer, HiFTOptimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+class HiFTTrainerMixin:
+    """Makes a ``transformers.Trainer`` subclass train with HiFT.
+
+    Mix it in *before* the trainer class: ``class MyTrainer(HiFTTrainerMixin, SFTTrainer)``.
+    The optimizer is the one the Trainer would build (``args.optim``, ``args.optim_args``, or the
+    ``optimizer_cls_and_kwargs`` argument), with the Trainer's weight-decay split, wrapped in a
+    :class:`HiFTOptimizer`. The scheduler is ``args.lr_scheduler_type``, with its length and warm-up
+    converted from steps to cycles and delayed, so it advances once per cycle.
+
+    Args:
+        hift_config: The HiFT configuration (keyword-only; default ``HiFTConfig()``).
+        *args, **kwargs: Passed to the Trainer.
+    """
+
+    def __init__(self, *args: Any, hift_config: HiFTConfig | None = None, **kwargs: Any) -> None:
+        self.hift_config = hift_config if hift_config is not None else HiFTConfig()
+        super().__init__(*args, **kwargs)
+        self.add_callback(HiFTCallback())
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """Builds the :class:`HiFTOptimizer` (Trainer extension point)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        unsupported = {"params", "model", "optimizer_dict"} & optimizer_kwargs.keys()
+        if unsupported:
+            raise ValueError(
+                f"optim={self.args.optim!r} builds its own parameter layout ({sorted(unsupported)}) "
+                "and cannot be wrapped by HiFT; choose a plain optimizer (adamw_torch, sgd, ...)"
+            )
+        decay = set(self.get_decay_parameter_names(model))
+        weight_decay = self.args.weight_decay
+
+        def split_decay(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
+            return [
+                {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+                {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+            ]
+
+        self.optimizer = HiFTOptimizer(
+            model, optimizer_cls, self.hift_config, param_groups_fn=split_decay, **optimizer_kwargs
+        )
+        return self.optimizer
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> Any:
+        """Builds ``args.lr_scheduler_type`` counted in cycles, delayed (Trainer extension point)."""
+        if self.lr_scheduler is None:
+            hift = unwrap_hift(optimizer if optimizer is not None else self.optimizer)
+            if hift is None:
+                raise RuntimeError("HiFTTrainer needs its HiFTOptimizer; create_optimizer first")
+            k = hift.num_groups
+            cycles = max(1, math.ceil(num_training_steps / k))
+            warmup = math.ceil(self.args.get_warmup_steps(num_training_steps) / k)
+            scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=hift,
+                num_warmup_steps=warmup,
+                num_training_steps=cycles,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+            )
+            self.lr_scheduler = hift.delay(scheduler)
+        return self.lr_scheduler
+
+
+class HiFTTrainer(HiFTTrainerMixin, Trainer):
+    """``transformers.Trainer`` that trains with HiFT; takes ``hift_config=`` on top of Trainer's."""
+
+
+class HiFTCallback(TrainerCallback):
+    """Adds the active group and the cycle count to the Trainer's logs."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any):
+        hift = unwrap_hift(kwargs.get("optimizer"))
+        if hift is not None and logs is not None:
+            logs["hift_cycle"] = hift.cycle
+            logs["hift_active_group"] = hift.active_group
+
+
+def __getattr__(name: str) -> Any:
+    # TRL is optional and slow to import: build the TRL trainer class on first use only.
+    if name == "HiFTSFTTrainer":
+        from trl import SFTTrainer
+
+        cls = type(
+            "HiFTSFTTrainer",
+            (HiFTTrainerMixin, SFTTrainer),
+            {"__doc__": "TRL ``SFTTrainer`` that trains with HiFT; takes ``hift_config=``."},
+        )
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
