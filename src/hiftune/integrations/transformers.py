@@ -28,7 +28,7 @@ from transformers.optimization import get_scheduler
 from ..config import HiFTConfig
 from ..optimizer import HiFTOptimizer
 
-__all__ = ["HiFTCallback", "HiFTSFTTrainer", "HiFTTrainer", "HiFTTrainerMixin", "unwrap_hift"]
+__all__ = ["HiFTCallback", "HiFTSFTTrainer", "HiFTTrainer", "HiFTTrainerMixin", "unwrap_hift"]  # noqa: F822 - HiFTSFTTrainer is lazy
 
 
 def unwrap_hift(optimizer: Any) -> HiFTOptimizer | None:
