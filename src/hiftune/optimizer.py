@@ -553,12 +553,14 @@ class _BackwardTruncation:
         blocks = [u for u in units if u.module is not None]
         self._index = {u.name: i for i, u in enumerate(blocks)}
         self._lowest: int | None = None
-        self._handles = [
-            model.get_submodule(u.module).register_forward_pre_hook(  # type: ignore[arg-type]
-                partial(self._hook, i), with_kwargs=True
+        self._handles = []
+        for i, u in enumerate(blocks):
+            block = model.get_submodule(u.module)  # type: ignore[arg-type]
+            self._handles.append(
+                block.register_forward_pre_hook(partial(self._hook, i), with_kwargs=True)
             )
-            for i, u in enumerate(blocks)
-        ]
+            self._handles.append(block.register_forward_hook(self._restore, always_call=True))
+        self._paused: dict[int, bool] = {}
 
     def set_active(self, units: Iterable[Unit]) -> None:
         indices = []
@@ -583,12 +585,21 @@ class _BackwardTruncation:
             return None
         args = tuple(_detached(a) for a in args)
         kwargs = {k: _detached(v) for k, v in kwargs.items()}
+        if index < lowest and getattr(module, "gradient_checkpointing", False):
+            # A frozen block below the active ones builds no graph, so checkpointing it only
+            # costs time (and a "no input requires grad" warning): pause it for this call.
+            self._paused[id(module)] = module.gradient_checkpointing
+            module.gradient_checkpointing = False
         if index == lowest and module.training and getattr(module, "gradient_checkpointing", False):
             if args and torch.is_tensor(args[0]) and args[0].is_floating_point():
                 args = (args[0].detach().requires_grad_(True), *args[1:])
             elif torch.is_tensor(kwargs.get("hidden_states")):
                 kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
         return args, kwargs
+
+    def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
+        if id(module) in self._paused:
+            module.gradient_checkpointing = self._paused.pop(id(module))
 
 
 def _detached(value: Any) -> Any:
