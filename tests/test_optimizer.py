@@ -6,10 +6,10 @@ import textwrap
 import pytest
 import torch
 import transformers as T
-from tinymodels import TinyLM, lm_loss, tiny_hf_config
 from transformers.optimization import Adafactor
 
 from hiftune import HiFTConfig, HiFTOptimizer
+from tinymodels import TinyLM, lm_loss, tiny_hf_config
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -89,7 +89,9 @@ def test_single_group_equals_the_plain_optimizer(tiny_lm, batches, name, offload
     assert opt.num_groups == 1
     train(plain_model, plain, batches[:6])
     train(tiny_lm, opt, batches[:6])
-    for (n, a), (_, b) in zip(plain_model.named_parameters(), tiny_lm.named_parameters()):
+    for (n, a), (_, b) in zip(
+        plain_model.named_parameters(), tiny_lm.named_parameters(), strict=True
+    ):
         torch.testing.assert_close(a, b, msg=n)
     opt.close()
 
