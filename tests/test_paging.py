@@ -1,0 +1,77 @@
+import gc
+
+import pytest
+import torch
+
+from hiftune import DiskStore, HostStore, KeepStore
+
+
+def _tensors():
+    return {"state.0.exp_avg": torch.randn(4, 3), "state.0.step": torch.tensor(3.0)}
+
+
+@pytest.mark.parametrize("store_cls", [KeepStore, HostStore, DiskStore])
+def test_round_trip(store_cls):
+    store = store_cls()
+    data = _tensors()
+    expected = {k: v.clone() for k, v in data.items()}
+    store.put(7, data)
+    assert 7 in store
+    assert {k: torch.equal(v, expected[k]) for k, v in store.peek(7).items()} == {
+        k: True for k in expected
+    }
+    store.prefetch(7)
+    back = store.get(7)
+    assert 7 not in store
+    for k, v in expected.items():
+        assert torch.equal(back[k], v) and back[k].device == v.device
+    store.close()
+
+
+def test_host_store_on_cpu_keeps_tensors_in_place():
+    store = HostStore()
+    t = torch.ones(3)
+    store.put(0, {"a": t})
+    assert store.get(0)["a"] is t
+
+
+def test_disk_store_writes_atomically_and_cleans_up(tmp_path):
+    store = DiskStore(tmp_path / "state")
+    store.put(1, _tensors())
+    store._wait_write(1)
+    files = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert files == ["group_0001.safetensors"]  # no temporary file left behind
+    store.close()
+    assert list((tmp_path / "state").iterdir()) == []
+
+
+def test_disk_store_temporary_directory_is_removed_when_collected():
+    store = DiskStore()
+    directory = store.directory
+    store.put(0, _tensors())
+    assert directory.exists()
+    del store
+    gc.collect()
+    assert not directory.exists()
+
+
+def test_corrupt_or_missing_state_file_is_a_clear_error(tmp_path):
+    store = DiskStore(tmp_path)
+    store.put(0, _tensors())
+    store._wait_write(0)
+    store.path(0).write_bytes(b"this is not a safetensors file")
+    with pytest.raises(RuntimeError, match="corrupt or unreadable"):
+        store.get(0)
+    store.put(1, _tensors())
+    store._wait_write(1)
+    store.path(1).unlink()
+    with pytest.raises(RuntimeError, match="is missing"):
+        store.get(1)
+    store.close()
+
+
+def test_unwritable_directory_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot create offload_dir"):
+        DiskStore(blocker / "sub")
