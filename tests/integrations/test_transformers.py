@@ -1,0 +1,139 @@
+import pytest
+import torch
+import transformers as T
+from transformers import TrainerCallback
+
+from hiftune import HiFTConfig, HiFTOptimizer
+from hiftune.integrations.transformers import HiFTTrainer, unwrap_hift
+from tinymodels import tiny_hf_config
+
+
+def _data(n=48):
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(2, 64, (8,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": ids})
+    return rows
+
+
+class Recorder(TrainerCallback):
+    """Records, per optimizer step, the group that was trained and the learning rate used."""
+
+    def __init__(self):
+        self.groups, self.lrs = [], []
+        self._pending = None
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        hift = unwrap_hift(optimizer)
+        self._pending = (hift.active_group, hift.param_groups[hift.active_group]["lr"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.groups.append(self._pending[0])
+        self.lrs.append(self._pending[1])
+
+
+def _trainer(out, max_steps, *, accum=2, callbacks=(), seed=0, **hift):
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(tiny_hf_config("llama"))
+    args = T.TrainingArguments(
+        str(out),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accum,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        save_steps=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+    )
+    return HiFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=_data(),
+        hift_config=HiFTConfig(**hift),
+        callbacks=list(callbacks),
+    )
+
+
+def test_trainer_steps_one_group_per_optimizer_step_with_delayed_lr(tmp_path):
+    rec = Recorder()
+    trainer = _trainer(tmp_path, max_steps=10, accum=2, callbacks=[rec])
+    trainer.train()
+    hift = unwrap_hift(trainer.optimizer)
+    assert isinstance(hift, HiFTOptimizer) and hift.num_groups == 5
+    # One group per optimizer step (each made of 2 micro-batches), in queue order.
+    assert rec.groups == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    # 10 steps = 2 cycles; linear decay counted in cycles, constant within a cycle.
+    assert rec.lrs == [1e-2] * 5 + [5e-3] * 5
+    assert hift.cycle == 2
+    decays = {g["weight_decay"] for g in hift.param_groups}
+    assert decays == {0.0, 0.1}  # the Trainer's no-decay split for biases and norms
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    full = _trainer(tmp_path / "full", max_steps=7, order="random", seed=0)
+    full.train()
+    resumed = _trainer(tmp_path / "part", max_steps=7, order="random", seed=0)
+    resumed.train()  # writes checkpoint-4 (mid-cycle: k = 5)
+    again = _trainer(tmp_path / "part", max_steps=7, order="random", seed=0)
+    again.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-4"))
+    hift = unwrap_hift(again.optimizer)
+    assert hift.steps == 7 and hift.active_group == 2
+    for (n, a), (_, b) in zip(
+        full.model.named_parameters(), again.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), n
+
+
+def test_optimizer_cls_and_kwargs_is_wrapped(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.optimizer_cls_and_kwargs = (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9})
+    trainer.train()
+    hift = unwrap_hift(trainer.optimizer)
+    assert type(hift._inner[0]) is torch.optim.SGD
+    assert hift.param_groups[0]["momentum"] == 0.9
+
+
+def test_trl_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from hiftune.integrations.transformers import HiFTSFTTrainer
+
+    words = ["<pad>", "<eos>", "<unk>", *(f"w{i}" for i in range(61))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(tiny_hf_config("llama"))
+    from datasets import Dataset
+
+    texts = [" ".join(f"w{(i * j) % 61}" for j in range(6)) for i in range(16)]
+    args = trl.SFTConfig(
+        str(tmp_path),
+        max_steps=5,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = HiFTSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"text": t} for t in texts]),
+        processing_class=tokenizer,
+        hift_config=HiFTConfig(),
+    )
+    trainer.train()
+    hift = unwrap_hift(trainer.optimizer)
+    assert hift.cycle == 1 and hift.steps == 5
