@@ -44,6 +44,10 @@ class HiFTConfig:
         precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` for hierarchical mixed precision: the
             model's weights stay in half precision and fp32 master weights exist only for the
             active group on the device.
+        sync_gradients: Average the active group's gradients over all ranks in :meth:`step`
+            (data parallelism without DDP, which cannot follow HiFT's changing set of trainable
+            parameters). ``None`` does it whenever ``torch.distributed`` is initialised with more
+            than one process; ``False`` never (e.g. when something else already synchronises).
         init_loss_scale: Initial dynamic loss scale for ``precision="fp16"``.
         loss_scale_growth_interval: Steps without overflow after which the fp16 loss scale doubles.
     """
@@ -61,6 +65,12 @@ class HiFTConfig:
     offload_dir: str | None = field(default=None, metadata={"help": "Directory for disk paging."})
     prefetch: bool = field(default=True, metadata={"help": "Prefetch the next group's state."})
     precision: Precision = field(default="fp32", metadata={"help": f"One of {PRECISIONS}."})
+    sync_gradients: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Average the active group's gradients over ranks (None: when distributed)."
+        },
+    )
     init_loss_scale: float = field(default=2.0**16, metadata={"help": "fp16 initial loss scale."})
     loss_scale_growth_interval: int = field(
         default=2000, metadata={"help": "fp16: steps without overflow before the scale doubles."}
@@ -93,6 +103,10 @@ class HiFTConfig:
             raise ValueError("give either units (a full override) or blocks, not both")
         if self.offload_dir is not None and self.offload != "disk":
             raise ValueError(f"offload_dir is only used with offload='disk', not {self.offload!r}")
+        if self.sync_gradients not in (None, True, False):
+            raise ValueError(
+                f"sync_gradients must be None, True or False, got {self.sync_gradients!r}"
+            )
         if not self.init_loss_scale > 0:
             raise ValueError(f"init_loss_scale must be > 0, got {self.init_loss_scale}")
         if self.loss_scale_growth_interval < 1:

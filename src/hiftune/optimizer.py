@@ -210,26 +210,38 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return DelayedLR(scheduler, self)
 
     def unscale_(self) -> None:
-        """Moves the active group's gradients to where :meth:`step` uses them, unscaled.
+        """Makes the active group's gradients final: synchronised across ranks, and unscaled.
 
-        In mixed precision this copies the half-precision gradients into the fp32 masters and
-        divides out the loss scale; call it before clipping if you clip yourself. :meth:`step`
-        calls it when you did not. A no-op in fp32.
+        In distributed runs (``torch.distributed`` initialised, more than one process, and
+        :attr:`HiFTConfig.sync_gradients` not ``False``) the active group's gradients are averaged
+        over all ranks here, in one flat all-reduce. In mixed precision the half-precision
+        gradients are then copied into the fp32 masters and the loss scale divided out. Call it
+        before clipping if you clip yourself (:meth:`clip_grad_norm_` does); :meth:`step` calls it
+        when you did not. Idempotent until the next step.
         """
-        if self._grads_ready or not self._mixed:
+        if self._grads_ready:
             return
         b = self._order[self._position]
-        self._page_in(b)
-        inv = 1.0 / self.loss_scale
-        for p, m in zip(self._params[b], self._masters[b], strict=True):
-            if p.grad is None:
-                m.grad = None
-                continue
-            m.grad = p.grad.detach().to(torch.float32)
-            p.grad = None  # the half-precision gradient is no longer needed
-            if inv != 1.0:
-                m.grad.mul_(inv)
+        if self._distributed():
+            _all_reduce_mean([p for p in self._params[b] if p.requires_grad])
+        if self._mixed:
+            self._page_in(b)
+            inv = 1.0 / self.loss_scale
+            for p, m in zip(self._params[b], self._masters[b], strict=True):
+                if p.grad is None:
+                    m.grad = None
+                    continue
+                m.grad = p.grad.detach().to(torch.float32)
+                p.grad = None  # the half-precision gradient is no longer needed
+                if inv != 1.0:
+                    m.grad.mul_(inv)
         self._grads_ready = True
+
+    def _distributed(self) -> bool:
+        if self.config.sync_gradients is False:
+            return False
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clips the gradient norm of the active group (unscaled, on the fp32 masters if mixed).
@@ -263,16 +275,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 loss = closure()
             closure = None
         self._page_in(b)
-        if self._mixed:
-            self.unscale_()
-            if self._scaler is not None:
-                overflow = self._scaler.found_overflow(
-                    m.grad for m in self._masters[b] if m.grad is not None
-                )
-                self._scaler.update(overflow)
-                if overflow:
-                    self._finish_group(b)
-                    return loss
+        self.unscale_()
+        if self._scaler is not None:
+            overflow = self._scaler.found_overflow(
+                m.grad for m in self._masters[b] if m.grad is not None
+            )
+            self._scaler.update(overflow)
+            if overflow:
+                self._finish_group(b)
+                return loss
         result = self._inner[b].step(closure) if closure is not None else self._inner[b].step()
         loss = result if loss is None else loss
         if self._mixed:
@@ -469,6 +480,26 @@ class HiFTOptimizer(torch.optim.Optimizer):
         for m in self._masters[b] if self._mixed else ():
             # Keep the Parameter object (the optimizer's state is keyed by it), drop its data.
             m.data = torch.empty(0, dtype=m.dtype, device=m.device)
+
+
+def _all_reduce_mean(params: list[nn.Parameter]) -> None:
+    """Averages the gradients of ``params`` over all ranks in one flat all-reduce.
+
+    DDP cannot do this for HiFT: it registers its gradient hooks only for the parameters that
+    require grad when the model is wrapped, and HiFT changes that set every step. A rank without
+    a gradient for a parameter contributes zeros, so every rank joins the same collective.
+    """
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat.div_(torch.distributed.get_world_size())
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g)
+        offset += n
 
 
 def _param_groups(
