@@ -38,7 +38,7 @@ training_args = TrainingArguments(
     gradient_accumulation_steps=2,  # both micro-batches train the same group
     learning_rate=3e-3,
     lr_scheduler_type="cosine",  # counted in cycles by HiFTTrainer, and delayed
-    warmup_steps=6,  # = one cycle of warm-up
+    warmup_steps=0,  # counted in cycles too: a linear warm-up starts with a whole cycle at LR 0
     max_grad_norm=1.0,  # clips the active group only
     logging_steps=6,
     save_steps=18,  # checkpoints hold the HiFT queue, order and every group's state

@@ -55,7 +55,8 @@ class HiFTTrainerMixin:
     def __init__(self, *args: Any, hift_config: HiFTConfig | None = None, **kwargs: Any) -> None:
         self.hift_config = hift_config if hift_config is not None else HiFTConfig()
         super().__init__(*args, **kwargs)
-        self.add_callback(HiFTCallback())
+        # First in line, so the printer and loggers that run after it see the HiFT fields.
+        self.callback_handler.callbacks.insert(0, HiFTCallback())
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Builds the :class:`HiFTOptimizer` (Trainer extension point)."""
