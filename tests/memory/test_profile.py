@@ -1,0 +1,184 @@
+"""``hiftune profile`` on a tiny llama: the CLI end to end, the measurements, the bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hiftune.cli import main
+from hiftune.memory import profile as prof
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(TINY_LLAMA))
+    return path
+
+
+def tiny_params() -> tuple[int, int]:
+    """(parameters, bytes of the largest unit) of TINY_LLAMA, counted by hand."""
+    d, f, v = 32, 64, 64
+    block = d * d * 2 + d * 16 * 2 + 3 * d * f + 2 * d  # q, o; k, v (1 kv head of 16); mlp; norms
+    embed = v * d  # tied with the LM head
+    return embed + 2 * block + d, max(embed, block) * 4
+
+
+def test_cli_end_to_end(tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    code = main(
+        ["profile", str(tiny_config), "--seq-len", "8", "--steps", "2", "--warmup", "1",
+         "--offload", "disk", "--output-dir", str(out), "--json", "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["command"].startswith(f"hiftune profile {tiny_config} ")
+    assert [r["label"] for r in result["runs"]] == ["FPFT fp32", "HiFT disk fp32"]
+    for run in result["runs"]:
+        mem = run["memory_mib"]
+        assert set(mem) >= {"peak", "weights", "gradients", "optimizer_states", "rest", "runtime"}
+        assert mem["peak"] > mem["runtime"] > 0
+        assert mem["rest"] == pytest.approx(
+            mem["peak"] - mem["weights"] - mem["gradients"] - mem["optimizer_states"]
+        )
+        assert run["time_s"]["timed_steps"] == 2 and run["time_s"]["mean_step"] > 0
+        phases = [s["phase"] for s in run["steps"]]
+        assert phases == ["warmup", "memory", "memory", "timing", "timing"]
+        assert run["environment"]["malloc"] == prof.MALLOC_ENV
+    fpft, hift = result["runs"]
+    assert hift["num_groups"] == 4  # embed (+ tied head), 2 blocks, final norm
+    (ratio,) = result["ratios"]
+    assert ratio["peak_vs_fpft"] == pytest.approx(
+        hift["memory_mib"]["peak"] / fpft["memory_mib"]["peak"]
+    )
+    assert ratio["time_vs_fpft"] == pytest.approx(
+        hift["time_s"]["mean_step"] / fpft["time_s"]["mean_step"]
+    )
+    assert ratio["time_vs_none"] is None and ratio["peak_vs_discard"] is None
+    assert (out / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "profile.json").read_text())["ratios"] == result["ratios"]
+    md = (out / "profile.md").read_text()
+    assert result["command"] in md and "| HiFT disk fp32 |" in md
+
+
+def test_table_printed_without_json(tiny_config: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["profile", str(tiny_config.parent), "--seq-len", "4", "--steps", "1",
+                 "--warmup", "0", "--methods", "hift", "--offload", "none", "--no-progress"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| config | peak MiB |") and "| HiFT none fp32 |" in out
+
+
+def test_breakdown_follows_the_memory_model(tiny_config: Path) -> None:
+    """In process (peaks are meaningless here, the byte counts are exact)."""
+    n, largest_unit = tiny_params()
+    common = dict(model=str(tiny_config), seq_len=8, steps=4, warmup=4)
+    fpft = prof.measure_run(prof.RunSpec(method="fpft", **common))["memory_mib"]
+    assert fpft["weights"] * prof.MiB == n * 4
+    assert fpft["gradients"] * prof.MiB == n * 4
+    # AdamW: exp_avg and exp_avg_sq per parameter, plus a 4-byte step count per tensor.
+    assert 2 * n * 4 < fpft["optimizer_states"] * prof.MiB < 2 * n * 4 + 4 * 64
+
+    runs = {
+        offload: prof.measure_run(prof.RunSpec(method="hift", offload=offload, **common))
+        for offload in ("none", "disk", "discard")
+    }
+    for offload in ("disk", "discard"):
+        mem = runs[offload]["memory_mib"]
+        assert mem["weights"] == fpft["weights"]
+        assert mem["gradients"] * prof.MiB == largest_unit
+        assert 2 * largest_unit <= mem["optimizer_states"] * prof.MiB < 2 * largest_unit + 256
+    # offload="none" keeps every group's state on the device once each group has stepped.
+    assert runs["none"]["memory_mib"]["optimizer_states"] == pytest.approx(fpft["optimizer_states"])
+    assert [s["group"] for s in runs["disk"]["steps"][:4]] == [
+        "embed", "layers.0", "layers.1", "head"
+    ]  # fmt: skip
+    assert runs["disk"]["num_groups"] == 4
+
+
+def test_mixed_precision_counts_active_masters(tiny_config: Path) -> None:
+    n, largest_unit = tiny_params()
+    run = prof.measure_run(
+        prof.RunSpec(str(tiny_config), "hift", seq_len=8, steps=4, warmup=0, precision="bf16")
+    )
+    mem = run["memory_mib"]
+    # bf16 model + fp32 masters of the largest group; gradients in fp32 on the masters.
+    assert mem["weights"] * prof.MiB == n * 2 + largest_unit
+    assert mem["gradients"] * prof.MiB == largest_unit
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in run["steps"])
+
+
+def test_discard_store_drops_everything() -> None:
+    store = prof.DiscardStore()
+    store.put(3, {"x": torch.ones(4)})
+    assert 3 in store and store.peek(3) == {}
+    assert store.get(3) == {} and 3 not in store
+
+
+def test_build_specs_defaults_to_one_cycle(tiny_config: Path) -> None:
+    specs = prof.build_specs(
+        str(tiny_config), offloads=["disk", "discard"], units_per_group=2, seq_len=8
+    )
+    assert [s.label for s in specs] == ["FPFT fp32", "HiFT disk fp32", "HiFT discard fp32"]
+    assert [(s.steps, s.warmup) for s in specs] == [(2, 1), (2, 2), (2, 2)]  # k = ceil(4 / 2)
+
+
+def test_compare_handles_missing_baselines() -> None:
+    def run(method: str, offload: str, peak: float, step: float) -> dict:
+        return {
+            "label": f"{method} {offload}",
+            "spec": {"method": method, "offload": offload, "precision": "fp32"},
+            "memory_mib": {"peak": peak},
+            "time_s": {"mean_step": step},
+        }
+
+    ratios = prof.compare([run("hift", "disk", 50, 3), run("hift", "discard", 40, 2)])
+    assert ratios[0]["peak_vs_discard"] == pytest.approx(1.25)
+    assert ratios[0]["peak_vs_fpft"] is None and ratios[0]["time_vs_none"] is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--offload", "discard", "--precision", "bf16"], "master weights"),
+        (["--offload", "discard", "--optimizer", "adagrad"], "cannot run adagrad"),
+        (["--offload", "tape"], "offload must be"),
+        (["--methods", "lora"], "method must be"),
+        (["--units-per-group", "9"], "units_per_group must be between 1 and"),
+        (["--seq-len", "257"], "max_position_embeddings"),
+    ],
+)
+def test_bad_combinations_exit_2(
+    tiny_config: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["profile", str(tiny_config), "--no-progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hiftune profile: error: ") and len(err.strip().splitlines()) == 1
+    assert message in err
+
+
+def test_bad_model_path_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["profile", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+
+
+def test_bad_number_exits_2(tiny_config: Path) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["profile", str(tiny_config), "--batch-size", "0"])
+    assert e.value.code == 2
