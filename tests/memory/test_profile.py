@@ -139,6 +139,14 @@ def test_build_specs_defaults_to_one_cycle(tiny_config: Path) -> None:
     assert [(s.steps, s.warmup) for s in specs] == [(2, 1), (2, 2), (2, 2)]  # k = ceil(4 / 2)
 
 
+def test_discard_floor_only_for_fp32(tiny_config: Path) -> None:
+    specs = prof.build_specs(
+        str(tiny_config), offloads=["disk", "discard"], precisions=["fp32", "bf16"], seq_len=8
+    )
+    labels = ["FPFT fp32", "HiFT disk fp32", "HiFT discard fp32", "HiFT disk bf16"]
+    assert [s.label for s in specs] == labels
+
+
 def test_compare_handles_missing_baselines() -> None:
     def run(method: str, offload: str, peak: float, step: float) -> dict:
         return {
@@ -156,7 +164,7 @@ def test_compare_handles_missing_baselines() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--offload", "discard", "--precision", "bf16"], "master weights"),
+        (["--offload", "discard", "--precision", "bf16,fp16"], "master weights"),
         (["--offload", "discard", "--optimizer", "adagrad"], "cannot run adagrad"),
         (["--offload", "tape"], "offload must be"),
         (["--methods", "lora"], "method must be"),

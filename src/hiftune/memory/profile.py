@@ -105,6 +105,7 @@ class RunSpec:
             with glibc's usual malloc thresholds (see :func:`measure_run`); ``"shared"``: time the
             memory steps themselves (faster; step times then include the page faults of returning
             every freed tensor to the kernel).
+        threads: ``torch.set_num_threads`` for the worker (``None``: torch's default).
     """
 
     model: str
@@ -122,6 +123,7 @@ class RunSpec:
     device: str = "cpu"
     offload_dir: str | None = None
     timing: str = "separate"
+    threads: int | None = None
 
     @property
     def label(self) -> str:
@@ -159,7 +161,7 @@ class DiscardStore(StateStore):
 
 
 def measure_run(spec: RunSpec, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Trains ``spec`` for ``warmup + steps`` steps in this process and measures it.
+    """Trains ``spec`` on random tokens in this process and measures memory and step time.
 
     Call it in a fresh process (as :func:`run_in_subprocess` does): on CPU the peak resident set
     size includes everything the process did before.
@@ -177,10 +179,13 @@ def measure_run(spec: RunSpec, on_step: Callable[[int], None] | None = None) -> 
         on_step: Called with the number of finished steps after each step.
 
     Returns:
-        A JSON-ready dict: ``memory_mib`` (peak and breakdown), ``time_s`` (step-time statistics
-        over the timed steps) and ``steps`` (one record per step, warm-up included).
+        A JSON-ready dict: ``memory_mib`` (peak and breakdown, over the warm-up and memory
+        phases), ``time_s`` (step-time statistics over the timed phase) and ``steps`` (one record
+        per step of every phase).
     """
     device = torch.device(spec.device)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     runtime_mib = current_memory_mib(device)
     torch.manual_seed(spec.seed)
     hift = spec.method == "hift"
@@ -540,7 +545,7 @@ def build_specs(
             creates every group's state, so paging reaches its steady state only in the second),
             one step for FPFT (whose first step creates the state).
         **common: Other :class:`RunSpec` fields (task, batch_size, seq_len, optimizer,
-            units_per_group, seed, device, offload_dir, timing).
+            units_per_group, seed, device, offload_dir, timing, threads).
 
     Raises:
         ValueError: For unknown names or a combination that cannot run; the message is meant
@@ -574,7 +579,7 @@ def build_specs(
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda asked for, but torch sees no CUDA device")
     if "hift" in methods and "discard" in offloads:
-        if any(p != "fp32" for p in precisions):
+        if "fp32" not in precisions:
             raise ValueError(
                 "offload discard is the floor of fp32 paging only: it would throw the fp32 "
                 "master weights of mixed precision away too"
@@ -601,6 +606,9 @@ def build_specs(
     if "hift" in methods:
         for precision in precisions:
             for offload in offloads:
+                if offload == "discard" and precision != "fp32":
+                    logger.info("no discard floor for %s: it would drop the masters", precision)
+                    continue
                 specs.append(
                     RunSpec(
                         model,
@@ -868,6 +876,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="separate (default): time extra steps under glibc's usual malloc settings; shared: "
         "time the memory steps (faster, but every freed tensor is returned to the kernel)",
     )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch threads per worker (default: torch's default, one per core)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--offload-dir", default=None, help="directory for disk paging")
@@ -905,6 +919,7 @@ def run(args: argparse.Namespace) -> int:
             device=device,
             offload_dir=args.offload_dir,
             timing=args.timing,
+            threads=args.threads,
         )
     except ValueError as e:
         raise CLIError(str(e)) from None
@@ -955,6 +970,7 @@ def _command_line(args: argparse.Namespace, offloads: Sequence[str]) -> str:
         ("--fpft-steps", args.fpft_steps),
         ("--warmup", args.warmup),
         ("--device", args.device),
+        ("--threads", args.threads),
     ):
         if value is not None:
             parts.append(f"{flag} {value}")
