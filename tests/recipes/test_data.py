@@ -1,0 +1,147 @@
+"""The bundled sentiment task, user files, prompt formats and the collator."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tokenizer
+from hiftune.recipes import data as D
+
+
+def test_bundled_sentiment_binarisation_and_fixed_splits() -> None:
+    rows = D.load_sentiment()
+    assert len(rows) == 10070
+    assert sum(r["label"] for r in rows) == 4995
+    assert all(abs(r["score"]) >= D.SENTIMENT_THRESHOLD for r in rows)
+    assert all(r["label"] == int(r["score"] > 0) for r in rows)
+    assert len({r["text"] for r in rows}) == len(rows)
+    a, b = D.sentiment_splits(), D.sentiment_splits()
+    assert {k: len(v) for k, v in a.items()} == {"test": 1000, "validation": 500, "train": 8570}
+    assert a == b  # the same splits on every call, independent of any training seed
+    texts = {k: {r["text"] for r in v} for k, v in a.items()}
+    assert not texts["test"] & texts["train"] and not texts["validation"] & texts["train"]
+
+
+def test_binarisation_rule_on_a_small_file(tmp_path: Path) -> None:
+    path = tmp_path / "gt.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(
+            'id,sentiment,text\n1,0.5,"ok good"\n2,-0.49,meh\n3,-2,bad\n4,1,"ok good"\n5,0.3,so\n'
+        )
+    rows = D.load_sentiment(path)
+    assert [(r["text"], r["label"]) for r in rows] == [("ok good", 1), ("bad", 0)]
+
+
+def test_subsample_is_seeded() -> None:
+    rows = [{"i": i} for i in range(100)]
+    assert D.subsample(rows, 10, 1) == D.subsample(rows, 10, 1)
+    assert D.subsample(rows, 10, 1) != D.subsample(rows, 10, 2)
+    assert D.subsample(rows, None, 1) == rows
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_read_records_jsonl_and_csv(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        path.write_text('{"t": "a", "y": 1}\n\n{"t": "b", "y": 0}\n')
+    else:
+        path.write_text("t,y\na,1\nb,0\n")
+    records = D.select_fields(D.read_records(path), {"text": "t", "label": "y"}, str(path))
+    assert [r["text"] for r in records] == ["a", "b"]
+    encoded, classes = D.encode_labels(records)
+    assert classes == ["0", "1"] and [r["label"] for r in encoded] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "message"),
+    [
+        (None, "missing.jsonl", "does not exist"),
+        ("", "empty.jsonl", "holds no examples"),
+        ("t,y\n", "empty.csv", "holds no examples"),
+        ("{not json}\n", "bad.jsonl", "bad.jsonl:1 is not a JSON object"),
+        ("[1, 2]\n", "list.jsonl", "is not a JSON object"),
+        ("x", "data.txt", "unknown data format"),
+    ],
+)
+def test_read_records_errors(tmp_path: Path, content: str | None, name: str, message: str) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(D.DataError, match=message):
+        D.read_records(path)
+
+
+def test_missing_field_names_the_available_fields() -> None:
+    records = [{"sentence": "a", "sentiment": 1}]
+    with pytest.raises(D.DataError, match=r"'text' \(--text-field\).*sentence, sentiment"):
+        D.select_fields(records, {"text": "text"}, "f.jsonl")
+
+
+def test_labels_need_two_classes() -> None:
+    with pytest.raises(D.DataError, match="at least two"):
+        D.encode_labels([{"label": "x"}, {"label": "x"}])
+    encoded, classes = D.encode_labels([{"label": "pos"}, {"label": "neg"}, {"label": 10}])
+    assert classes == ["10", "neg", "pos"] and [r["label"] for r in encoded] == [2, 1, 0]
+
+
+def test_holdout_splits_need_three_examples() -> None:
+    with pytest.raises(D.DataError, match="at least 3"):
+        D.holdout_splits([{"a": 1}, {"a": 2}])
+    splits = D.holdout_splits([{"a": i} for i in range(30)])
+    assert {k: len(v) for k, v in splits.items()} == {"test": 3, "validation": 3, "train": 24}
+
+
+def test_prompt_format_and_label_tokens() -> None:
+    tok = make_tokenizer()
+    fmt = D.PromptFormat()
+    assert fmt.prompt(" a good film ") == "a good film It was"
+    ids = fmt.label_token_ids(tok)
+    assert ids == [tok.convert_tokens_to_ids("terrible"), tok.convert_tokens_to_ids("great")]
+    with pytest.raises(D.DataError, match="same token"):
+        D.PromptFormat(label_words=("zzz", "qqq")).label_token_ids(tok)  # both <unk>
+    with pytest.raises(D.DataError, match=r"\{text\}"):
+        D.PromptFormat(template="no placeholder")
+
+
+def test_encode_prompt_cls_truncates_from_the_left() -> None:
+    tok = make_tokenizer()
+    fmt = D.PromptFormat(template="{text} it was")
+    (ex,) = D.encode_prompt_cls([{"text": "a good film " * 10, "label": 1}], tok, fmt, 5)
+    assert len(ex["input_ids"]) == 5 and ex["labels"] == 1
+    assert tok.decode(ex["input_ids"][-2:]) == "it was"
+
+
+def test_encode_sft_masks_the_prompt() -> None:
+    tok = make_tokenizer()
+    (ex,) = D.encode_sft([{"prompt": "a good film", "response": "positive"}], tok, 64)
+    kept = [t for t, y in zip(ex["input_ids"], ex["labels"], strict=True) if y != -100]
+    assert tok.decode(kept) == "positive </s>"
+    with pytest.raises(D.DataError, match="raise --max-length"):
+        D.encode_sft([{"prompt": "a good film", "response": "positive"}], tok, 3)
+    tok.chat_template = None
+    with pytest.raises(D.DataError, match="chat template"):
+        D.encode_sft([{"prompt": "a", "response": "b"}], tok, 64)
+
+
+def test_collator_pads_left_with_positions_and_right_with_ignored_labels() -> None:
+    feats = [{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8], "labels": 0}]
+    b = D.PadCollator(0, "left", position_ids=True)(feats)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert b["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert b["labels"].tolist() == [1, 0]
+    feats = [{"input_ids": [5, 6], "labels": [-100, 6]}, {"input_ids": [8], "labels": [8]}]
+    b = D.PadCollator(0, "right")(feats)
+    assert b["labels"].tolist() == [[-100, 6], [8, -100]]
+    assert b["labels"].dtype == torch.long
+
+
+def test_jsonl_roundtrip_with_json_module(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    assert D.read_records(path) == [{"prompt": "p", "response": "r"}]

@@ -1,0 +1,297 @@
+"""``hiftune train`` end to end on tiny models: tasks, methods, optimizers, reports, errors, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from hiftune.cli import main
+from hiftune.recipes import train as T
+
+CLS = ["--text-field", "sentence", "--label-field", "sentiment"]
+FAST = ["--batch-size", "4", "--max-steps", "4", "--eval-batch-size", "8"]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    code = main(["train", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, match: str) -> None:
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("hiftune train: error:")]
+    assert len(lines) == 1, err
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("method", ["hift", "fpft"])
+def test_prompt_cls_end_to_end(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_llama: Path,
+    cls_jsonl: Path,
+    method: str,
+) -> None:
+    out_dir = tmp_path / "run"
+    code, out, _ = run_cli(
+        capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, *FAST,
+        "--method", method, "--lr", "1e-2", "--output-dir", out_dir,
+    )  # fmt: skip
+    assert code == 0
+    assert "zero-shot:  accuracy" in out and "fine-tuned: accuracy" in out and str(out_dir) in out
+    report = json.loads((out_dir / "report.json").read_text())
+    assert report["steps"] == 4 and report["method"] == method
+    assert 0 <= report["zero_shot"]["accuracy"] <= 1 and 0 <= report["final"]["accuracy"] <= 1
+    assert [s["step"] for s in report["per_step"]] == [1, 2, 3, 4]
+    assert all(s["memory_mib"] > 0 and s["loss"] > 0 for s in report["per_step"])
+    if method == "hift":  # 4 units (embed, 2 blocks, head), one per step
+        assert [s["group"] for s in report["per_step"]] == ["embed", "layers.0", "layers.1", "head"]
+        assert report["hift_groups"] == 4 and report["hift_cycles"] == 1
+    for name in ("report.md", "loss.png", "memory.png", "hiftune_run.json", "tokenizer.json"):
+        assert (out_dir / name).is_file(), name
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(out_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert not torch.equal(saved.model.norm.weight, base.model.norm.weight)  # it trained
+
+
+def test_prompt_cls_learns(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_llama: Path, cls_jsonl: Path
+) -> None:
+    code, _, _ = run_cli(
+        capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, "--batch-size", "8",
+        "--epochs", "8", "--lr", "3e-2", "--eval-split", "validation", "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    losses = [s["loss"] for s in report["per_step"]]
+    assert sum(losses[-4:]) < sum(losses[:4])
+    assert report["final"]["accuracy"] == 1.0
+
+
+def test_seq_cls_with_an_encoder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_bert: Path, cls_jsonl: Path
+) -> None:
+    code, out, _ = run_cli(
+        capsys, "--model", tiny_bert, "--task", "seq-cls", "--data", cls_jsonl, *CLS, *FAST,
+        "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert code == 0, out
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert model.config.num_labels == 2
+
+
+def test_sft_with_chat_template(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_llama: Path, sft_jsonl: Path
+) -> None:
+    code, out, _ = run_cli(
+        capsys, "--model", tiny_llama, "--task", "sft", "--data", sft_jsonl,
+        "--prompt-field", "question", "--response-field", "answer", *FAST, "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert code == 0
+    assert "fine-tuned: loss" in out
+    assert json.loads((tmp_path / "report.json").read_text())["final"]["loss"] > 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sgdm", "adagrad", "adafactor"])
+def test_every_optimizer_runs(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_llama: Path,
+    cls_jsonl: Path,
+    optimizer: str,
+) -> None:
+    code, _, err = run_cli(
+        capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, *FAST, "--no-zero-shot",
+        "--optimizer", optimizer, "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+
+
+def test_optimizer_mapping() -> None:
+    from transformers.optimization import Adafactor
+
+    cls, kw = T._optimizer(T.TrainRecipeConfig(optimizer="sgdm", lr=0.1))
+    assert cls is torch.optim.SGD and kw == {"lr": 0.1, "momentum": 0.9}
+    cls, kw = T._optimizer(T.TrainRecipeConfig(optimizer="adafactor", lr=0.1))
+    assert cls is Adafactor and not kw["relative_step"] and not kw["scale_parameter"]
+
+
+def test_config_file_and_flag_precedence(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_llama: Path, cls_jsonl: Path
+) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"model: {tiny_llama}\ndata: {cls_jsonl}\ntext-field: sentence\nlabel_field: sentiment\n"
+        f"batch_size: 4\nmax_steps: 3\nlr: 0.5\nunits_per_group: 2\noutput_dir: {tmp_path / 'o'}\n"
+    )
+    code, _, err = run_cli(capsys, "--config", cfg, "--lr", "0.01", "--no-zero-shot")
+    assert code == 0, err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["config"]["lr"] == 0.01 and report["config"]["batch_size"] == 4
+    assert report["hift_groups"] == 2 and report["steps"] == 3
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="method must be one of"):
+        T.TrainRecipeConfig(method="lora")
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        T.TrainRecipeConfig(batch_size=0)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        T.TrainRecipeConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="fp16"):
+        T.TrainRecipeConfig(method="fpft", precision="fp16")
+    assert T.TrainRecipeConfig(label_words="bad, good").label_words == ["bad", "good"]
+
+
+# --- bad input: one line, exit 2 ---------------------------------------------------------------
+
+
+def test_error_missing_data_file(capsys, tmp_path: Path, tiny_llama: Path) -> None:
+    code, _, err = run_cli(capsys, "--model", tiny_llama, "--data", tmp_path / "nope.jsonl")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_error_field_not_in_data(capsys, tmp_path: Path, tiny_llama: Path, cls_jsonl: Path) -> None:
+    code, _, err = run_cli(
+        capsys, "--model", tiny_llama, "--data", cls_jsonl, "--output-dir", tmp_path
+    )
+    assert_one_line_error(code, err, "field 'text' (--text-field) is not in")
+
+
+def test_error_empty_dataset(capsys, tmp_path: Path, tiny_llama: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, _, err = run_cli(capsys, "--model", tiny_llama, "--data", empty)
+    assert_one_line_error(code, err, "holds no examples")
+
+
+def test_error_model_without_weights(capsys, tmp_path: Path, tiny_llama: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(tiny_llama / "config.json", d)
+    code, _, err = run_cli(capsys, "--model", d)
+    assert_one_line_error(code, err, "has no weights")
+
+
+def test_error_unknown_model(capsys) -> None:
+    code, _, err = run_cli(capsys, "--model", "no-such-model")
+    assert_one_line_error(code, err, "neither a preset")
+
+
+def test_error_task_the_model_cannot_do(capsys, tiny_bert: Path, cls_jsonl: Path) -> None:
+    code, _, err = run_cli(capsys, "--model", tiny_bert, "--data", cls_jsonl, *CLS)
+    assert_one_line_error(code, err, "cannot do --task prompt-cls")
+    code, _, err = run_cli(capsys, "--model", "minilm-l6", "--task", "sft")
+    assert_one_line_error(code, err, "cannot do --task sft")
+
+
+def test_error_bad_config_values(capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "--batch-size", "0")
+    assert_one_line_error(code, err, "batch_size must be an integer >= 1")
+    bad = tmp_path / "c.yaml"
+    bad.write_text("lr: 1e-4\nlearning_rate: 3\n")
+    code, _, err = run_cli(capsys, "--config", bad)
+    assert_one_line_error(code, err, "unknown key 'learning_rate'")
+    code, _, err = run_cli(capsys, "--config", tmp_path / "absent.yaml")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_error_label_words_do_not_fit(
+    capsys, tmp_path: Path, tiny_llama: Path, cls_jsonl: Path
+) -> None:
+    code, _, err = run_cli(
+        capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, "--label-words", "bad,dull,good",
+        "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert_one_line_error(code, err, "3 label words")
+
+
+def test_error_resume_without_checkpoint(capsys, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "--resume", tmp_path)
+    assert_one_line_error(code, err, "holds no checkpoint")
+    code, _, err = run_cli(capsys, "--resume", tmp_path / "absent")
+    assert_one_line_error(code, err, "is not a directory")
+
+
+# --- interrupt and resume ----------------------------------------------------------------------
+
+
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    original = T._Progress.on_step_end
+
+    def on_step_end(self, args, state, control, **kwargs):  # a Ctrl-C arriving during the step
+        if state.global_step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(T._Progress, "on_step_end", on_step_end)
+
+
+@pytest.mark.parametrize("method", ["hift", "fpft"])
+def test_ctrl_c_leaves_a_resumable_checkpoint(
+    capsys, monkeypatch, tmp_path: Path, tiny_llama: Path, cls_jsonl: Path, method: str
+) -> None:
+    args = [
+        "--model", tiny_llama, "--data", cls_jsonl, *CLS, "--batch-size", "4", "--max-steps", "6",
+        "--lr", "1e-2", "--no-zero-shot", "--method", method, "--seed", "3",
+    ]  # fmt: skip
+    code, _, err = run_cli(capsys, *args, "--output-dir", tmp_path / "straight")
+    assert code == 0, err
+
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 2)
+        code, out, _ = run_cli(capsys, *args, "--output-dir", tmp_path / "cut")
+    assert code == 130
+    ckpt = tmp_path / "cut" / "checkpoint-2"
+    assert f"--resume {ckpt}" in out
+    assert (ckpt / "hiftune_run.json").is_file() and (ckpt / "optimizer.pt").is_file()
+
+    # Resuming needs nothing but the checkpoint: the run's config comes with it.
+    code, _, err = run_cli(capsys, "--resume", tmp_path / "cut")
+    assert code == 0, err
+    report = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert report["steps"] == 6
+
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_resume_from_a_different_run_is_refused(
+    capsys, monkeypatch, tmp_path: Path, tiny_llama: Path, cls_jsonl: Path
+) -> None:
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 1)
+        code, _, _ = run_cli(
+            capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, *FAST, "--no-zero-shot",
+            "--output-dir", tmp_path,
+        )  # fmt: skip
+    assert code == 130
+    ckpt = tmp_path / "checkpoint-1"
+    code, _, err = run_cli(capsys, "--resume", ckpt, "--lr", "0.5")
+    assert_one_line_error(code, err, "is from a different run: it has lr=")
+    code, _, err = run_cli(capsys, "--resume", ckpt, "--model", "minilm-l6", "--task", "seq-cls")
+    assert_one_line_error(code, err, "is from a different run")
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_llama, other)
+    code, _, err = run_cli(capsys, "--resume", ckpt, "--model", other)
+    assert_one_line_error(code, err, "it has model=")
+    # More steps is a legitimate change: the run continues.
+    code, _, err = run_cli(capsys, "--resume", ckpt, "--max-steps", "5")
+    assert code == 0, err
