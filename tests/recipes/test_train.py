@@ -92,6 +92,19 @@ def test_seq_cls_with_an_encoder(
     assert model.config.num_labels == 2
 
 
+def test_also_eval_reports_the_other_split(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_bert: Path, cls_jsonl: Path
+) -> None:
+    code, out, _ = run_cli(
+        capsys, "--model", tiny_bert, "--task", "seq-cls", "--data", cls_jsonl, *CLS, *FAST,
+        "--also-eval", "validation", "--no-zero-shot", "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert code == 0
+    assert "fine-tuned on validation: accuracy" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["zero_shot"] is None and "accuracy" in report["also_eval"]["validation"]
+
+
 def test_sft_with_chat_template(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_llama: Path, sft_jsonl: Path
 ) -> None:

@@ -48,7 +48,7 @@ RUN_CONFIG = "hiftune_run.json"
 #: Keys that may differ when resuming (they do not change what the checkpoint means).
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "output_dir", "resume", "save_steps", "eval_batch_size", "offload"}
-    | {"eval_split", "eval_samples", "eval_batch_size", "zero_shot", "config"}
+    | {"eval_split", "also_eval", "eval_samples", "eval_batch_size", "zero_shot", "config"}
 )
 
 
@@ -88,6 +88,7 @@ class TrainRecipeConfig:
     train_samples: int | None = 2000
     eval_samples: int | None = 500
     eval_split: str = "test"
+    also_eval: str | None = None
     eval_batch_size: int = 32
     zero_shot: bool = True
     save_steps: int | None = None
@@ -111,6 +112,13 @@ class TrainRecipeConfig:
                 raise ValueError(
                     f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
                 )
+        if self.also_eval is not None and (
+            self.also_eval not in EVAL_SPLITS or self.also_eval == self.eval_split
+        ):
+            raise ValueError(
+                f"also_eval must be the other split than eval_split={self.eval_split!r} "
+                f"(one of {', '.join(EVAL_SPLITS)}), got {self.also_eval!r}"
+            )
         for name in (
             "batch_size",
             "grad_accum",
@@ -212,6 +220,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"first N of the evaluation split; 'all' (default {d.eval_samples})",
     )
     g.add_argument("--eval-split", choices=EVAL_SPLITS, default=S, help=f"(default {d.eval_split})")
+    g.add_argument(
+        "--also-eval",
+        choices=EVAL_SPLITS,
+        default=S,
+        help="evaluate the fine-tuned model on this split too (e.g. validation for a search)",
+    )
     g = parser.add_argument_group("training")
     g.add_argument(
         "--method",
@@ -457,6 +471,12 @@ class Recipe:
             return 130
 
         final = self._evaluate(trainer, "fine-tuned")
+        if cfg.also_eval:
+            extra = task.encode(splits["also"])
+            extra.sort(key=lambda f: len(f["input_ids"]))
+            meta["also_eval"] = {
+                cfg.also_eval: self._evaluate(trainer, cfg.also_eval, _ListDataset(extra))
+            }
         trainer.save_model(str(out_dir))  # with the tokenizer (the Trainer's processing_class)
         self._close(trainer)
         report = self._write_report(
@@ -522,7 +542,10 @@ class Recipe:
             evaluation = evaluation[: cfg.eval_samples]
         if not train or not evaluation:
             raise D.DataError("the data leaves no training or evaluation examples")
-        return {"train": train, "eval": evaluation}, classes
+        out = {"train": train, "eval": evaluation}
+        if cfg.also_eval:
+            out["also"] = splits[cfg.also_eval][: cfg.eval_samples]
+        return out, classes
 
     def _identity(self, model_dir: Path, classes: list[str] | None) -> dict[str, Any]:
         """What a checkpoint must share with this run to be resumed by it."""
@@ -648,8 +671,8 @@ class Recipe:
         trainer.add_callback(progress)
         return trainer, progress
 
-    def _evaluate(self, trainer: Any, what: str) -> dict[str, float]:
-        metrics = trainer.evaluate(metric_key_prefix="eval")
+    def _evaluate(self, trainer: Any, what: str, dataset: Any = None) -> dict[str, float]:
+        metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="eval")
         out = {k.removeprefix("eval_"): v for k, v in metrics.items()}
         logger.info("%s: %s", what, _fmt_metrics(out))
         return out
@@ -697,6 +720,7 @@ class Recipe:
             "hift_cycles": hift.cycle if hift else None,
             "zero_shot": meta.get("zero_shot"),
             "final": dict(final),
+            "also_eval": meta.get("also_eval"),
             "train_loss": float(getattr(result, "training_loss", float("nan"))),
             "train_seconds": round(train_seconds, 1),
             "total_seconds": round(total_seconds, 1),
@@ -757,6 +781,8 @@ class Recipe:
     ) -> None:
         print(f"zero-shot:  {_fmt_metrics(zero or {})}")
         print(f"fine-tuned: {_fmt_metrics(final)}")
+        for split, metrics in (report.get("also_eval") or {}).items():
+            print(f"fine-tuned on {split}: {_fmt_metrics(metrics)}")
         print(
             f"{report['steps']} steps in {report['train_seconds']:.0f} s, peak memory "
             f"{report['peak_memory_mib']:.0f} MiB; model and report in {report['output_dir']} "
