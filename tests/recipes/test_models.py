@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -94,7 +93,6 @@ def test_gguf_preset_converts_to_a_plain_checkpoint(
     import torch
 
     monkeypatch.setenv("HIFTUNE_CACHE", str(tmp_path))
-    t = time.perf_counter()
     path, preset = M.resolve_model("smollm2-135m")
     assert preset is not None and preset.is_gguf
     assert path.parent == tmp_path and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -110,4 +108,3 @@ def test_gguf_preset_converts_to_a_plain_checkpoint(
     )
     assert logits[great] > logits[terrible]
     model.save_pretrained(tmp_path / "saved")  # a plain model saves (the quantized one refused)
-    assert time.perf_counter() - t < 120
