@@ -671,8 +671,8 @@ def profile(
 
 
 def compare(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ratios of each HiFT run to FPFT (peak, mean step time), to ``none`` (time), to ``discard``
-    (peak); a ratio is ``None`` when the run to compare against is missing."""
+    """Ratios of each HiFT run to FPFT (peak, mean step wall and CPU time), to ``none`` (times),
+    to ``discard`` (peak); a ratio is ``None`` when the run to compare against is missing."""
     fpft = next((r for r in runs if r["spec"]["method"] == "fpft"), None)
 
     def find(offload: str, precision: str) -> dict[str, Any] | None:
@@ -699,6 +699,10 @@ def compare(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "peak_vs_fpft": _ratio(r, fpft, "memory_mib", "peak"),
                 "time_vs_fpft": _ratio(r, fpft, "time_s", "mean_step"),
                 "time_vs_none": _ratio(r, none, "time_s", "mean_step"),
+                # CPU time (all threads of the worker, the paging thread included) is far less
+                # sensitive than wall time to other jobs on a shared machine.
+                "cpu_time_vs_fpft": _ratio(r, fpft, "time_s", "mean_step_cpu"),
+                "cpu_time_vs_none": _ratio(r, none, "time_s", "mean_step_cpu"),
                 "peak_vs_discard": _ratio(r, discard, "memory_mib", "peak"),
             }
         )
@@ -738,6 +742,7 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "rest": mem["rest"],
                 "(runtime)": mem["runtime"],
                 "step s": t["mean_step"],
+                "CPU s": t.get("mean_step_cpu", float("nan")),
                 "timed steps": t["timed_steps"],
                 "peak/FPFT": _fmt_ratio(ratio.get("peak_vs_fpft")),
                 "time/FPFT": _fmt_ratio(ratio.get("time_vs_fpft")),
@@ -769,7 +774,7 @@ def render_markdown(result: dict[str, Any], command: str | None = None) -> str:
         "",
         markdown_table(table_rows(result)),
         "Memory in MiB (peak resident set size on CPU), step time in seconds (mean over the timed "
-        "steps; warm-up excluded). `rest` = peak - weights - grads - states: activations, "
+        "steps; warm-up excluded; `CPU s`: CPU time of all the worker's threads). `rest` = peak - weights - grads - states: activations, "
         "temporaries, paging buffers and the runtime (Python + libraries, shown as `(runtime)`).",
         "",
         f"torch {env['torch']}, {env['threads']} threads, peak read by {env['peak_method']}, "
