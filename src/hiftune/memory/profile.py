@@ -797,7 +797,7 @@ def plot_steps(path: str | Path, result: dict[str, Any]) -> Path:
         series,
         title=f"{result['model']}: peak memory per step "
         f"(batch {spec['batch_size']} x {spec['seq_len']}, {spec['optimizer']})",
-        xlabel="timed step (HiFT: one cycle, bottom-up)",
+        xlabel="step of the measured cycle (HiFT: embedding first, bottom-up)",
         ylabel="peak memory (MiB)",
     )
 
