@@ -75,3 +75,45 @@ def test_unwritable_directory_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="cannot create offload_dir"):
         DiskStore(blocker / "sub")
+
+
+def test_disk_put_waits_for_its_write_unless_write_behind(tmp_path):
+    store = DiskStore(tmp_path / "a")
+    store.put(0, _tensors())
+    assert store.path(0).exists() and store.resident_bytes() == 0
+    behind = DiskStore(tmp_path / "b", write_behind=True)
+    behind.put(0, _tensors())
+    behind._wait_write(0)
+    assert behind.path(0).exists()
+    behind.prefetch(0)
+    behind._reads[0].result()
+    assert behind.resident_bytes() == 4 * 3 * 4 + 4  # the prefetched tensors are in memory
+    store.close()
+    behind.close()
+
+
+def test_resident_bytes_of_memory_stores():
+    for store in (KeepStore(), HostStore()):
+        store.put(0, _tensors())
+        assert store.resident_bytes() == 4 * 3 * 4 + 4
+
+
+def test_optimizer_accepts_a_store_of_its_own(tiny_lm, batches):
+    from hiftune import HiFTOptimizer
+    from tinymodels import lm_loss
+
+    class CountingStore(KeepStore):
+        puts = 0
+
+        def put(self, key, tensors):
+            CountingStore.puts += 1
+            super().put(key, tensors)
+
+    opt = HiFTOptimizer(tiny_lm, torch.optim.SGD, store=CountingStore(), lr=0.1, momentum=0.9)
+    assert isinstance(opt.store, CountingStore)
+    before = CountingStore.puts
+    for ids in batches[:3]:
+        lm_loss(tiny_lm, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    assert CountingStore.puts == before + 3

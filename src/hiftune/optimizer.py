@@ -61,6 +61,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         param_groups_fn: Optional per-parameter options: receives one group's ``(name, param)``
             pairs and returns torch param-group dicts for them (e.g. weight decay 0 for biases and
             norms). By default each HiFT group is one param group.
+        store: Optional :class:`~hiftune.paging.StateStore` to hold inactive groups' state,
+            instead of the one ``config.offload`` names (e.g. a store of your own, or a
+            ``DiskStore(write_behind=True)``).
         **optimizer_kwargs: Passed unchanged to ``optimizer_cls`` for every group.
 
     Attributes:
@@ -77,6 +80,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         config: HiFTConfig | None = None,
         *,
         param_groups_fn: ParamGroupsFn | None = None,
+        store: StateStore | None = None,
         **optimizer_kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -103,7 +107,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
             if self.config.precision == "fp16"
             else None
         )
-        self._store: StateStore = make_store(self.config.offload, self.config.offload_dir)
+        self._store: StateStore = (
+            store if store is not None else make_store(self.config.offload, self.config.offload_dir)
+        )
         self._scalars: list[dict[str, Any]] = [{} for _ in bottom_up]
         self._resident: set[int] = set()
         self._grads_ready = False
@@ -185,6 +191,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         # torch.optim.Optimizer.__init__ assigns an empty state; the real state lives per group.
         if value:
             raise AttributeError("HiFTOptimizer.state is a view of the per-group optimizers")
+
+    @property
+    def store(self) -> StateStore:
+        """Where inactive groups' optimizer state (and fp32 masters) live."""
+        return self._store
 
     def active_parameters(self) -> list[nn.Parameter]:
         """The model parameters of the active group (the only ones with gradients)."""

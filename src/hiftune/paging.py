@@ -12,6 +12,7 @@ backward pass), and ``get`` that group when its step comes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -51,8 +52,16 @@ class StateStore(ABC):
     @abstractmethod
     def __contains__(self, key: int) -> bool: ...
 
+    @abstractmethod
+    def resident_bytes(self) -> int:
+        """Bytes of stored tensors held in this process's memory (host or device) right now."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Releases files and threads; the store is unusable afterwards."""
+
+
+def _nbytes(tensors: Tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 class KeepStore(StateStore):
@@ -72,6 +81,9 @@ class KeepStore(StateStore):
 
     def __contains__(self, key: int) -> bool:
         return key in self._data
+
+    def resident_bytes(self) -> int:
+        return sum(_nbytes(t) for t in self._data.values())
 
 
 class HostStore(StateStore):
@@ -152,28 +164,41 @@ class HostStore(StateStore):
     def __contains__(self, key: int) -> bool:
         return key in self._host or key in self._ready
 
+    def resident_bytes(self) -> int:
+        return sum(_nbytes(h) for h, _, _ in self._host.values()) + sum(
+            _nbytes(t) for t, _ in self._ready.values()
+        )
+
 
 class DiskStore(StateStore):
     """``offload="disk"``: tensors live in one safetensors file per group.
 
-    Writes and reads run on one background thread, in submission order, so a prefetch of a group
-    always sees its latest write. Each file is written to a temporary name and renamed into place,
-    so a crash never leaves a file that loads as garbage. Files are removed by :meth:`close` (also
+    Reads run on a background thread, so a prefetch loads the next group's file while the current
+    step computes. Writes go through the same thread, in submission order, so a read always sees
+    the latest write; by default :meth:`put` waits for its write, because a write still in flight
+    keeps the group's tensors in memory while the next group trains (``write_behind=True`` trades
+    that memory for time). Each file is written to a temporary name and renamed into place, so a
+    crash never leaves a file that loads as garbage. Files are removed by :meth:`close` (also
     called when the store is garbage-collected or the interpreter exits).
 
     Args:
         directory: Where to write. ``None`` creates a temporary directory, removed on close.
+        write_behind: Return from :meth:`put` before the file is written.
     """
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str] | None = None, *, write_behind: bool = False
+    ) -> None:
         self._owns_dir = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="hiftune-state-"))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ValueError(f"cannot create offload_dir {self.directory}: {e}") from None
+        self.write_behind = write_behind
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hiftune-disk")
-        self._writes: dict[int, Future[None]] = {}
+        # key -> (pending write, its size); never the tensors, which the write thread releases
+        self._writes: dict[int, tuple[Future[None], int]] = {}
         self._reads: dict[int, Future[Tensors]] = {}
         self._devices: dict[int, dict[str, torch.device]] = {}
         self._finalizer = weakref.finalize(
@@ -189,7 +214,10 @@ class DiskStore(StateStore):
         host = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         self._reads.pop(key, None)
         self._devices[key] = {k: v.device for k, v in tensors.items()}
-        self._writes[key] = self._pool.submit(_atomic_save, host, self.path(key))
+        self._writes[key] = (self._pool.submit(_atomic_save, host, self.path(key)), _nbytes(host))
+        del host  # the write thread holds the only reference now, and drops it when done
+        if not self.write_behind:
+            self._wait_write(key)
 
     def prefetch(self, key: int) -> None:
         if key in self._devices and key not in self._reads:
@@ -213,13 +241,18 @@ class DiskStore(StateStore):
     def __contains__(self, key: int) -> bool:
         return key in self._devices
 
+    def resident_bytes(self) -> int:
+        pending = sum(n for f, n in self._writes.values() if not f.done())
+        loaded = sum(_nbytes(f.result()) for f in self._reads.values() if f.done())
+        return pending + loaded
+
     def close(self) -> None:
         self._finalizer()
 
     def _wait_write(self, key: int) -> None:
-        future = self._writes.pop(key, None)
-        if future is not None:
-            future.result()  # re-raises a failed write (disk full, permissions) here
+        entry = self._writes.pop(key, None)
+        if entry is not None:
+            entry[0].result()  # re-raises a failed write (disk full, permissions) here
 
 
 def make_store(offload: str, directory: str | None = None) -> StateStore:
@@ -245,7 +278,11 @@ def _atomic_save(tensors: Tensors, path: Path) -> None:
 
 def _load(path: Path) -> Tensors:
     try:
-        return load_file(str(path))
+        # Read the bytes here, on the background thread: the default mmap backend would defer
+        # the reads to page faults in whichever thread touches the tensors first (the step).
+        if "backend" in inspect.signature(load_file).parameters:
+            return load_file(str(path), backend="pread")
+        return {k: v.clone() for k, v in load_file(str(path)).items()}
     except FileNotFoundError:
         raise RuntimeError(
             f"optimizer state file {path} is missing: it was deleted while training ran"

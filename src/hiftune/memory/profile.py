@@ -156,6 +156,9 @@ class DiscardStore(StateStore):
     def __contains__(self, key: int) -> bool:
         return key in self._keys
 
+    def resident_bytes(self) -> int:
+        return 0
+
 
 # --- the worker: one configuration, in this process ---------------------------------------------
 
@@ -209,13 +212,8 @@ def measure_run(spec: RunSpec, on_step: Callable[[int], None] | None = None) -> 
             offload_dir=spec.offload_dir if store_offload == "disk" else None,
             precision=spec.precision,  # type: ignore[arg-type]
         )
-        opt = HiFTOptimizer(model, opt_cls, hcfg, **opt_kwargs)
-        if spec.offload == "discard":
-            # No public hook to choose the store yet: swap it before the first step. Safe for
-            # optimizers that create state lazily (checked by the caller); the initial store
-            # holds only empty dicts then.
-            opt._store.close()
-            opt._store = DiscardStore()
+        store = DiscardStore() if spec.offload == "discard" else None
+        opt = HiFTOptimizer(model, opt_cls, hcfg, store=store, **opt_kwargs)
         num_groups = opt.num_groups
     else:
         opt = opt_cls(params, **opt_kwargs)
