@@ -43,7 +43,7 @@ SUITES: dict[str, dict] = {
     "minilm": {
         # 4,000 training sentences, one epoch = 500 steps of 8.
         "args": ["--model", "minilm-l6", "--task", "seq-cls", "--train-samples", "4000"],
-        "grid": ["3e-5", "1e-4", "3e-4"],
+        "grid": ["3e-5", "1e-4", "3e-4", "1e-3"],
     },
 }
 COMMON = [

@@ -85,7 +85,7 @@ class TrainRecipeConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 128
-    train_samples: int | None = 2000
+    train_samples: int | None = 1600
     eval_samples: int | None = 500
     eval_split: str = "test"
     also_eval: str | None = None
