@@ -33,16 +33,29 @@ ROOT = Path(__file__).resolve().parent.parent
 HIFTUNE = str(ROOT / ".venv" / "bin" / "hiftune")
 OUT = ROOT / "runs" / "quality"
 
-#: Per suite: the fixed arguments of every run, and the shared learning-rate grid.
+#: Per suite: the fixed arguments of every run, HiFT's own options, and the shared lr grid.
 SUITES: dict[str, dict] = {
     "smollm2": {
         # 1,000 training sentences (a seeded subset of the 8,570), one epoch = 125 steps of 8.
         "args": ["--model", "smollm2-135m", "--task", "prompt-cls", "--train-samples", "1000"],
+        # 32 units in 8 groups of 4: each group is updated ~16 times in the 125 steps.
+        "hift": ["--units-per-group", "4"],
+        "grid": ["3e-5", "1e-4", "3e-4"],
+    },
+    "smollm2-m1": {
+        "args": ["--model", "smollm2-135m", "--task", "prompt-cls", "--train-samples", "1000"],
+        "hift": ["--units-per-group", "1"],
         "grid": ["3e-5", "1e-4", "3e-4"],
     },
     "minilm": {
-        # 4,000 training sentences, one epoch = 500 steps of 8.
+        # 4,000 training sentences, one epoch = 500 steps of 8; 8 units, one per group.
         "args": ["--model", "minilm-l6", "--task", "seq-cls", "--train-samples", "4000"],
+        "hift": ["--units-per-group", "1"],
+        "grid": ["3e-5", "1e-4", "3e-4", "1e-3"],
+    },
+    "minilm-m2": {
+        "args": ["--model", "minilm-l6", "--task", "seq-cls", "--train-samples", "4000"],
+        "hift": ["--units-per-group", "2"],
         "grid": ["3e-5", "1e-4", "3e-4", "1e-3"],
     },
 }
@@ -59,6 +72,8 @@ def run_dir(suite: str, method: str, lr: str, seed: int) -> Path:
 
 def command(suite: str, method: str, lr: str, seed: int, zero_shot: bool) -> list[str]:
     cmd = [HIFTUNE, "train", *SUITES[suite]["args"], *COMMON, "--method", method, "--lr", lr]
+    if method == "hift":
+        cmd += SUITES[suite]["hift"]
     cmd += ["--seed", str(seed), "--output-dir", str(run_dir(suite, method, lr, seed))]
     return cmd if zero_shot else [*cmd, "--no-zero-shot"]
 
@@ -137,10 +152,11 @@ def main() -> int:
     p.add_argument("--suite", choices=SUITES, required=True)
     p.add_argument("--phase", choices=("search", "seeds", "table"), required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     a = p.parse_args()
     if a.phase == "search":
         first = True
-        for method in METHODS:
+        for method in a.methods:
             for lr in SUITES[a.suite]["grid"]:
                 launch(
                     command(a.suite, method, lr, 0, zero_shot=first),
@@ -149,7 +165,7 @@ def main() -> int:
                 first = False
     elif a.phase == "seeds":
         rows = load(a.suite)
-        for method in METHODS:
+        for method in a.methods:
             lr = best_lr(rows, method)
             if lr is None:
                 print(f"no search results for {method}; run --phase search first", file=sys.stderr)

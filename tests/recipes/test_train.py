@@ -15,7 +15,7 @@ from hiftune.cli import main
 from hiftune.recipes import train as T
 
 CLS = ["--text-field", "sentence", "--label-field", "sentiment"]
-FAST = ["--batch-size", "4", "--max-steps", "4", "--eval-batch-size", "8"]
+FAST = ["--batch-size", "4", "--max-steps", "4", "--eval-batch-size", "8", "--units-per-group", "1"]
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
@@ -69,7 +69,8 @@ def test_prompt_cls_learns(
 ) -> None:
     code, _, _ = run_cli(
         capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, "--batch-size", "8",
-        "--epochs", "8", "--lr", "3e-2", "--eval-split", "validation", "--output-dir", tmp_path,
+        "--epochs", "8", "--lr", "3e-2", "--eval-split", "validation", "--units-per-group", "1",
+        "--output-dir", tmp_path,
     )  # fmt: skip
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -258,7 +259,7 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(
 ) -> None:
     args = [
         "--model", tiny_llama, "--data", cls_jsonl, *CLS, "--batch-size", "4", "--max-steps", "6",
-        "--lr", "1e-2", "--no-zero-shot", "--method", method, "--seed", "3",
+        "--lr", "1e-2", "--no-zero-shot", "--method", method, "--seed", "3", "--units-per-group", "1",
     ]  # fmt: skip
     code, _, err = run_cli(capsys, *args, "--output-dir", tmp_path / "straight")
     assert code == 0, err

@@ -76,7 +76,7 @@ class TrainRecipeConfig:
     max_steps: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
-    units_per_group: int = 1
+    units_per_group: int = 4
     order: str = "bottom2up"
     offload: str = "host"
     precision: str = "fp32"
@@ -465,7 +465,6 @@ class Recipe:
             print(
                 f"interrupted at step {trainer.state.global_step}; checkpoint saved to {last}\n"
                 f"resume with: hiftune train --resume {last}"
-                + (f" --config {cfg.config}" if cfg.config else "")
             )
             self._close(trainer)
             return 130
