@@ -133,6 +133,25 @@ def test_every_optimizer_runs(
     assert code == 0, err
 
 
+@pytest.mark.parametrize(
+    ("method", "precision"), [("hift", "bf16"), ("hift", "fp16"), ("fpft", "bf16")]
+)
+def test_mixed_precision_runs(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_llama: Path,
+    cls_jsonl: Path,
+    method: str,
+    precision: str,
+) -> None:
+    code, _, err = run_cli(
+        capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, *FAST, "--no-zero-shot",
+        "--method", method, "--precision", precision, "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "report.json").read_text())["steps"] == 4
+
+
 def test_optimizer_mapping() -> None:
     from transformers.optimization import Adafactor
 

@@ -606,39 +606,15 @@ class Recipe:
         out_dir: Path,
         meta: dict[str, Any],
     ) -> tuple[Any, _Progress]:
-        import torch
         import transformers
         from transformers import Trainer, TrainingArguments
 
         cfg = self.cfg
-        args = TrainingArguments(
-            output_dir=str(out_dir),
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.eval_batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.lr,
-            num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps or -1,
-            lr_scheduler_type=cfg.scheduler,
-            warmup_steps=cfg.warmup_ratio,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            logging_steps=1,
-            save_strategy="steps" if cfg.save_steps else "no",
-            save_steps=cfg.save_steps or 500,
-            eval_strategy="no",
-            report_to="none",
-            disable_tqdm=True,  # our own bar shows loss, group and memory
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            remove_unused_columns=False,  # the collator already builds exactly the model inputs
-            dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            bf16=cfg.method == "fpft" and cfg.precision == "bf16",
-            label_names=["labels"],
-            # sft has no metric beyond the loss: keep no [batch, length, vocab] logits around.
-            prediction_loss_only=cfg.task == "sft",
-        )
+        autocast_bf16 = cfg.method == "fpft" and cfg.precision == "bf16"
+        try:
+            args = self._training_arguments(TrainingArguments, out_dir, autocast_bf16)
+        except ValueError as e:  # e.g. a precision this machine does not support
+            raise CLIError(f"invalid training arguments: {str(e).splitlines()[0]}") from e
         common: dict[str, Any] = dict(
             model=model,
             args=args,
@@ -669,6 +645,42 @@ class Recipe:
         progress = _make_progress(meta)
         trainer.add_callback(progress)
         return trainer, progress
+
+    def _training_arguments(self, cls: Any, out_dir: Path, autocast_bf16: bool) -> Any:
+        import torch
+
+        cfg = self.cfg
+        return cls(
+            output_dir=str(out_dir),
+            per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=cfg.eval_batch_size,
+            gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.lr,
+            num_train_epochs=cfg.epochs,
+            max_steps=cfg.max_steps or -1,
+            lr_scheduler_type=cfg.scheduler,
+            warmup_steps=cfg.warmup_ratio,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            logging_steps=1,
+            save_strategy="steps" if cfg.save_steps else "no",
+            save_steps=cfg.save_steps or 500,
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,  # our own bar shows loss, group and memory
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            remove_unused_columns=False,  # the collator already builds exactly the model inputs
+            dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),
+            # FPFT's bf16 is the Trainer's autocast; HiFT's mixed precision lives in its optimizer.
+            bf16=autocast_bf16,
+            # bf16 autocast without CUDA: the Trainer must be told that it runs on the CPU.
+            use_cpu=autocast_bf16 and not torch.cuda.is_available(),
+            label_names=["labels"],
+            # sft has no metric beyond the loss: keep no [batch, length, vocab] logits around.
+            prediction_loss_only=cfg.task == "sft",
+        )
 
     def _evaluate(self, trainer: Any, what: str, dataset: Any = None) -> dict[str, float]:
         metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="eval")
