@@ -838,11 +838,16 @@ class _Task:
     compute_loss: Any = None
     preprocess_logits: Any = None
 
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
     def encode(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def collator(self) -> D.PadCollator:
-        raise NotImplementedError
+        """Right padding: the default for models that read the first token or mask the padding."""
+        return D.PadCollator(self.tokenizer.pad_token_id, "right")
 
     def compute_metrics(self, pred: Any) -> dict[str, float]:
         """Accuracy of class predictions (``predictions`` are per-class scores)."""
@@ -861,9 +866,8 @@ class _PromptClsTask(_Task):
 
         import torch
 
-        self.tokenizer = tokenizer
+        super().__init__(tokenizer, max_length)
         self.fmt = fmt
-        self.max_length = max_length
         self.word_ids = torch.tensor(fmt.label_token_ids(tokenizer))
         params = inspect.signature(model.forward).parameters
         self.position_ids = "position_ids" in params
@@ -908,27 +912,17 @@ class _PromptClsTask(_Task):
 
 
 class _SeqClsTask(_Task):
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.max_length = max_length
+    """Sequence classification with the model's classification head (labels are class ids)."""
 
     def encode(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return D.encode_seq_cls(records, self.tokenizer, self.max_length)
 
-    def collator(self) -> D.PadCollator:
-        return D.PadCollator(self.tokenizer.pad_token_id, "right")
-
 
 class _SftTask(_Task):
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer = tokenizer
-        self.max_length = max_length
+    """Prompt/response pairs in the chat template; the loss is on the response tokens only."""
 
     def encode(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return D.encode_sft(records, self.tokenizer, self.max_length)
-
-    def collator(self) -> D.PadCollator:
-        return D.PadCollator(self.tokenizer.pad_token_id, "right")
 
     compute_metrics = None  # type: ignore[assignment]  # eval loss only
 
