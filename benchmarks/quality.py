@@ -15,7 +15,9 @@ Usage::
     nice -n 10 .venv/bin/python benchmarks/quality.py --suite smollm2 --phase seeds
     .venv/bin/python benchmarks/quality.py --suite smollm2 --phase table
 
-Results go to ``runs/quality/<suite>/<method>-lr<lr>-s<seed>/report.json``.
+Results go to ``runs/quality/<suite>/<method>-lr<lr>-s<seed>/report.json``. A suite that only
+changes HiFT's options (e.g. ``minilm-m4``) reads its FPFT runs from the suite named by its
+``fpft_from`` key, where the same FPFT commands already ran.
 """
 
 from __future__ import annotations
@@ -55,6 +57,22 @@ SUITES: dict[str, dict] = {
         "post": ["--epochs", "2"],
         "hift": ["--units-per-group", "2"],
         "grid": {"hift": ["1e-4"], "fpft": ["3e-5"]},
+    },
+    "minilm-m4": {
+        # HiFT with 4 units per group (2 groups). FPFT runs are the same commands as in
+        # "minilm-m2" (FPFT has no HiFT options), so they are read from there, not re-run.
+        "args": ["--model", "minilm-l6", "--task", "seq-cls", "--train-samples", "4000"],
+        "hift": ["--units-per-group", "4"],
+        "grid": ["3e-5", "1e-4", "3e-4", "1e-3"],
+        "fpft_from": "minilm-m2",
+    },
+    "minilm-m2-top": {
+        # HiFT m = 2 in top-down order: the new classification head is trained first, so the
+        # blocks below see gradients through a trained head from their first update on.
+        "args": ["--model", "minilm-l6", "--task", "seq-cls", "--train-samples", "4000"],
+        "hift": ["--units-per-group", "2", "--order", "top2down"],
+        "grid": ["3e-5", "1e-4", "3e-4", "1e-3"],
+        "fpft_from": "minilm-m2",
     },
     "minilm-m2": {
         # As "minilm" with 2 units per group (4 groups), so the new head is trained more often.
@@ -101,9 +119,19 @@ def launch(cmd: list[str], out: Path) -> None:
     print(f"  exit {code} after {time.perf_counter() - t:.0f} s", flush=True)
 
 
+def shared_from(suite: str, method: str) -> str | None:
+    """The suite whose runs of ``method`` this suite reuses (identical commands), if any."""
+    return SUITES[suite].get(f"{method}_from")
+
+
 def load(suite: str) -> list[dict]:
+    paths = sorted((OUT / suite).glob("*/report.json"))
+    for method in METHODS:
+        if other := shared_from(suite, method):
+            paths = [p for p in paths if not p.parent.name.startswith(method + "-")]
+            paths += sorted((OUT / other).glob(f"{method}-*/report.json"))
     rows = []
-    for path in sorted((OUT / suite).glob("*/report.json")):
+    for path in paths:
         r = json.loads(path.read_text())
         c = r["config"]
         rows.append(
@@ -166,9 +194,12 @@ def main() -> int:
     p.add_argument("--no-zero-shot", action="store_true", help="measured in another suite")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     a = p.parse_args()
+    methods = [m for m in a.methods if not shared_from(a.suite, m)]
+    for m in set(a.methods) - set(methods):
+        print(f"{m}: runs shared with suite {shared_from(a.suite, m)}", flush=True)
     if a.phase == "search":
         first = True
-        for method in a.methods:
+        for method in methods:
             for lr in grid(a.suite, method):
                 launch(
                     command(a.suite, method, lr, 0, zero_shot=first and not a.no_zero_shot),
@@ -177,7 +208,7 @@ def main() -> int:
                 first = False
     elif a.phase == "seeds":
         rows = load(a.suite)
-        for method in a.methods:
+        for method in methods:
             lr = best_lr(rows, method)
             if lr is None:
                 print(f"no search results for {method}; run --phase search first", file=sys.stderr)
