@@ -4,7 +4,7 @@ import transformers as T
 from transformers import TrainerCallback
 
 from hiftune import HiFTConfig, HiFTOptimizer
-from hiftune.integrations.transformers import HiFTTrainer, unwrap_hift
+from hiftune.integrations.transformers import HiFTCallback, HiFTTrainer, unwrap_hift
 from tinymodels import tiny_hf_config
 
 
@@ -33,7 +33,7 @@ class Recorder(TrainerCallback):
         self.lrs.append(self._pending[1])
 
 
-def _trainer(out, max_steps, *, accum=2, callbacks=(), seed=0, **hift):
+def _model_and_args(out, max_steps, *, accum=2, seed=0):
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(tiny_hf_config("llama"))
     args = T.TrainingArguments(
@@ -52,6 +52,11 @@ def _trainer(out, max_steps, *, accum=2, callbacks=(), seed=0, **hift):
         seed=seed,
         disable_tqdm=True,
     )
+    return model, args
+
+
+def _trainer(out, max_steps, *, accum=2, callbacks=(), seed=0, **hift):
+    model, args = _model_and_args(out, max_steps, accum=accum, seed=seed)
     return HiFTTrainer(
         model=model,
         args=args,
@@ -137,3 +142,55 @@ def test_trl_sft_trainer(tmp_path):
     trainer.train()
     hift = unwrap_hift(trainer.optimizer)
     assert hift.cycle == 1 and hift.steps == 5
+
+
+def _plain_trainer(out, max_steps, *, callbacks=(), hift_seed=0, **hift):
+    """A stock ``Trainer`` given a ready HiFTOptimizer and delayed scheduler via ``optimizers=``."""
+    model, args = _model_and_args(out, max_steps)
+    opt = HiFTOptimizer(
+        model, torch.optim.AdamW, HiFTConfig(seed=hift_seed, **hift), lr=args.learning_rate
+    )
+    cycles = -(-max_steps // opt.num_groups)
+    sched = opt.delay(torch.optim.lr_scheduler.LambdaLR(opt, lambda c: 1 - c / cycles))
+    return T.Trainer(
+        model=model,
+        args=args,
+        train_dataset=_data(),
+        optimizers=(opt, sched),
+        callbacks=[HiFTCallback(), *callbacks],
+    )
+
+
+class LogRecorder(TrainerCallback):
+    """Keeps the logs as the callbacks after HiFTCallback (printer, loggers) see them."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_plain_trainer_with_optimizers_argument(tmp_path):
+    rec, log = Recorder(), LogRecorder()
+    trainer = _plain_trainer(tmp_path, max_steps=10, callbacks=[rec, log])
+    trainer.train()
+    assert rec.groups == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    assert rec.lrs == [1e-2] * 5 + [5e-3] * 5  # the user's schedule, stepped once per cycle
+    steps = [h for h in log.logs if "loss" in h]
+    assert [h["hift_group"] for h in steps] == rec.groups  # the group each logged step trained
+    assert steps[-1]["hift_cycle"] == 2
+
+
+def test_plain_trainer_with_optimizers_argument_resumes_exactly(tmp_path):
+    full = _plain_trainer(tmp_path / "full", max_steps=7, order="random")
+    full.train()
+    _plain_trainer(tmp_path / "part", max_steps=7, order="random").train()
+    # Another HiFT seed: the shuffled order must come back from the checkpoint, not the config.
+    again = _plain_trainer(tmp_path / "part", max_steps=7, order="random", hift_seed=5)
+    again.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-4"))
+    assert unwrap_hift(again.optimizer).steps == 7
+    for (n, a), (_, b) in zip(
+        full.model.named_parameters(), again.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), n

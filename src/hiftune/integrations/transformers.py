@@ -115,13 +115,30 @@ class HiFTTrainer(HiFTTrainerMixin, Trainer):
 
 
 class HiFTCallback(TrainerCallback):
-    """Adds the active group and the cycle count to the Trainer's logs."""
+    """Adds HiFT's progress to the Trainer's logs (console, TensorBoard, W&B, ...).
+
+    Keys: ``hift_group``, the index of the group the latest optimizer step trained (with
+    ``logging_steps > 1`` the logged loss averages steps of several groups), and ``hift_cycle``,
+    the number of completed cycles. :class:`HiFTTrainerMixin` adds it by itself; with a stock
+    ``Trainer`` and ``optimizers=(hift_optimizer, scheduler)``, pass it in ``callbacks=``.
+    The Trainer appends ``state.log_history`` before callbacks run, so the keys are not in it.
+    """
+
+    def __init__(self) -> None:
+        self._trained: int | None = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Read before the step: HiFTOptimizer.step() moves on to the next group.
+        hift = unwrap_hift(kwargs.get("optimizer"))
+        if hift is not None:
+            self._trained = hift.active_group
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any):
         hift = unwrap_hift(kwargs.get("optimizer"))
         if hift is not None and logs is not None:
             logs["hift_cycle"] = hift.cycle
-            logs["hift_active_group"] = hift.active_group
+            if self._trained is not None:
+                logs["hift_group"] = self._trained
 
 
 def __getattr__(name: str) -> Any:
