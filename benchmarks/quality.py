@@ -44,6 +44,13 @@ SUITES: dict[str, dict] = {
         "hift": ["--units-per-group", "4"],
         "grid": ["3e-5", "1e-4", "3e-4"],
     },
+    "smollm2-m8": {
+        # As "smollm2" with 8 units per group (4 groups); FPFT runs read from "smollm2".
+        "args": ["--model", "smollm2-135m", "--task", "prompt-cls", "--train-samples", "1000"],
+        "hift": ["--units-per-group", "8"],
+        "grid": ["3e-5", "1e-4", "3e-4"],
+        "fpft_from": "smollm2",
+    },
     "minilm": {
         # 4,000 training sentences, one epoch = 500 steps of 8; 8 units, one per group.
         # Exploratory, seed 0 only (docs/quality.md): FPFT 3e-4 and 1e-3 were not run here.
