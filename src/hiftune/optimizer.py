@@ -16,6 +16,8 @@ that true when gradient checkpointing (which makes the embedding output require 
 from __future__ import annotations
 
 import logging
+import warnings
+import weakref
 from collections import ChainMap
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -92,6 +94,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             )
         self.config = config if config is not None else HiFTConfig()
         self.model = model
+        _release_stale_claim(model)
         self.units: list[Unit] = split_units(model, self.config)
         bottom_up = group_units(self.units, self.config.units_per_group)
         self._units: list[tuple[Unit, ...]] = bottom_up
@@ -147,6 +150,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
             for p in params:
                 p.requires_grad_(False)
         self._truncation = _BackwardTruncation(model, self.units)
+        self._claim = _Claim(self, [p for params in self._params for p in params])
+        _CLAIMS[model] = self._claim
         self._activate()
 
     # --- the public surface -----------------------------------------------------------------
@@ -404,8 +409,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._activate()
 
     def close(self) -> None:
-        """Removes the backward-truncation hooks and the paging files; the optimizer is done."""
-        self._truncation.remove()
+        """Hands the model back and frees the paging files; the optimizer is done afterwards.
+
+        Removes the backward-truncation hooks and makes every parameter HiFT froze trainable
+        again, so the model can be trained or wrapped again. (With mixed precision the model's
+        weights stay in half precision.)
+        """
+        self._claim.release()
+        if _CLAIMS.get(self.model) is self._claim:
+            del _CLAIMS[self.model]
         self._store.close()
 
     def __repr__(self) -> str:
@@ -491,6 +503,54 @@ class HiFTOptimizer(torch.optim.Optimizer):
         for m in self._masters[b] if self._mixed else ():
             # Keep the Parameter object (the optimizer's state is keyed by it), drop its data.
             m.data = torch.empty(0, dtype=m.dtype, device=m.device)
+
+
+#: The :class:`_Claim` of each model a HiFTOptimizer drives. Kept beside the model, not on it,
+#: so that pickling or deep-copying a model never meets the weak reference inside.
+_CLAIMS: weakref.WeakKeyDictionary[nn.Module, _Claim] = weakref.WeakKeyDictionary()
+
+
+class _Claim:
+    """What a HiFTOptimizer changed on its model, so it can be undone without the optimizer.
+
+    Holds the optimizer weakly: a model kept alive after its optimizer was dropped (e.g. a
+    notebook cell re-run) must not keep the old optimizer's state alive too.
+    """
+
+    def __init__(self, owner: HiFTOptimizer, params: list[nn.Parameter]) -> None:
+        self.owner = weakref.ref(owner)
+        self.truncation = owner._truncation
+        self.params = params
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.truncation.remove()
+            for p in self.params:
+                p.requires_grad_(True)
+            self.released = True
+
+
+def _release_stale_claim(model: nn.Module) -> None:
+    """Refuses a model another live HiFTOptimizer drives; undoes a dropped, unclosed one."""
+    claim = _CLAIMS.get(model)
+    if claim is None or claim.released:
+        return
+    owner = claim.owner()
+    if owner is not None:
+        raise RuntimeError(
+            f"this model is already driven by {owner!r}; call its close() first (that makes the "
+            "parameters it froze trainable again) or start from a fresh model"
+        )
+    # Its optimizer is gone without close(): without this, all but one group would stay frozen
+    # and its backward-truncation hooks would keep cutting the graph.
+    warnings.warn(
+        "the model's previous HiFTOptimizer was dropped without close(); undoing its freezing "
+        "and hooks before wrapping the model again",
+        stacklevel=3,
+    )
+    claim.release()
+    del _CLAIMS[model]
 
 
 def _all_reduce_mean(params: list[nn.Parameter]) -> None:
