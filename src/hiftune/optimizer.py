@@ -15,6 +15,7 @@ that true when gradient checkpointing (which makes the embedding output require 
 
 from __future__ import annotations
 
+import gc
 import logging
 import warnings
 import weakref
@@ -536,6 +537,8 @@ def _release_stale_claim(model: nn.Module) -> None:
     claim = _CLAIMS.get(model)
     if claim is None or claim.released:
         return
+    if claim.owner() is not None:
+        gc.collect()  # a dropped optimizer caught in a reference cycle is freed only by the collector
     owner = claim.owner()
     if owner is not None:
         raise RuntimeError(
