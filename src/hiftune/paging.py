@@ -276,11 +276,15 @@ def _atomic_save(tensors: Tensors, path: Path) -> None:
         raise RuntimeError(f"hiftune could not write optimizer state to {path}: {e}") from e
 
 
+#: safetensors >= 0.8 can read on the calling thread (``backend="pread"``); older ones only map.
+_HAS_PREAD = "backend" in inspect.signature(load_file).parameters
+
+
 def _load(path: Path) -> Tensors:
     try:
         # Read the bytes here, on the background thread: the default mmap backend would defer
         # the reads to page faults in whichever thread touches the tensors first (the step).
-        if "backend" in inspect.signature(load_file).parameters:
+        if _HAS_PREAD:
             return load_file(str(path), backend="pread")
         return {k: v.clone() for k, v in load_file(str(path)).items()}
     except FileNotFoundError:

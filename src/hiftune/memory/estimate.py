@@ -555,7 +555,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``hiftune estimate``: prints a table (or JSON) to stdout."""
-    from ..cli import CLIError
+    from ..cli import CLIError, first_line
     from ..report import markdown_table
 
     if args.num_labels < 1:
@@ -575,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
             seq_len=args.seq_len,
         )
     except ValueError as e:
-        raise CLIError(str(e).splitlines()[0]) from None
+        raise CLIError(first_line(e)) from None
 
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))

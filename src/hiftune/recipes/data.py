@@ -134,6 +134,17 @@ def sentiment_splits() -> dict[str, list[dict[str, Any]]]:
     return split_records(load_sentiment(), SENTIMENT_SPLITS)
 
 
+def as_sft(records: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Sentiment records as instruction pairs: the question with the text, and the answer word."""
+    return [
+        {
+            "prompt": SFT_SENTIMENT_PROMPT.replace("{text}", r["text"]),
+            "response": SFT_SENTIMENT_RESPONSES[r["label"]],
+        }
+        for r in records
+    ]
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Reads a JSONL (``.jsonl``/``.json``) or CSV (``.csv``, also ``.gz``-compressed) file.
 

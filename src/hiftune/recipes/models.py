@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cli import first_line
+
 logger = logging.getLogger(__name__)
 
 #: Tasks that need a causal language model (the loss is on next-token predictions).
@@ -264,11 +266,11 @@ def load_model_and_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"cannot load the tokenizer of {name}: {_first_line(e)}") from e
+        raise ModelError(f"cannot load the tokenizer of {name}: {first_line(e)}") from e
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"cannot read the config of {name}: {_first_line(e)}") from e
+        raise ModelError(f"cannot read the config of {name}: {first_line(e)}") from e
 
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so any token will do.
@@ -292,9 +294,9 @@ def load_model_and_tokenizer(
             path, dtype=torch.float32, output_loading_info=True, **extra
         )
     except ValueError as e:  # "Unrecognized configuration class ..." for an unsupported task
-        raise ModelError(f"{name} cannot do --task {task}: {_first_line(e)}") from e
+        raise ModelError(f"{name} cannot do --task {task}: {first_line(e)}") from e
     except OSError as e:
-        raise ModelError(f"cannot load the weights of {name}: {_first_line(e)}") from e
+        raise ModelError(f"cannot load the weights of {name}: {first_line(e)}") from e
     missing = [k for k in info.get("missing_keys", []) if k not in _tied_keys(model)]
     if task in CAUSAL_TASKS and missing:
         raise ModelError(
@@ -313,8 +315,3 @@ def _has_causal_lm_head(config: Any) -> bool:
     return any(
         a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs
     )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -32,7 +32,7 @@ from typing import Any
 # The Hub is often unreachable (and never needed: models are local); fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ..cli import CLIError
+from ..cli import CLIError, first_line
 from ..config import OFFLOADS, ORDERS, PRECISIONS
 from . import data as D
 from .models import DEFAULT_MODEL, PRESETS, TASKS, ModelError
@@ -48,7 +48,7 @@ RUN_CONFIG = "hiftune_run.json"
 #: Keys that may differ when resuming (they do not change what the checkpoint means).
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "output_dir", "resume", "save_steps", "eval_batch_size", "offload"}
-    | {"eval_split", "also_eval", "eval_samples", "eval_batch_size", "zero_shot", "config"}
+    | {"eval_split", "also_eval", "eval_samples", "zero_shot", "config"}
 )
 
 
@@ -304,9 +304,7 @@ def config_from_args(args: argparse.Namespace) -> TrainRecipeConfig:
     if resume is not None:
         # Resuming continues the saved run: its config is the base, flags may only extend it
         # (more epochs or steps, say); anything else that differs is rejected later.
-        saved = _read_run_file(find_checkpoint(resume))
-        if saved is None:
-            raise CLIError(f"--resume {resume} was not written by hiftune train (no {RUN_CONFIG})")
+        saved = _saved_run(find_checkpoint(resume))
         values.update(
             {k: v for k, v in saved.get("config", {}).items() if k not in ("resume", "config")}
         )
@@ -342,14 +340,19 @@ def find_checkpoint(resume: str) -> Path:
     return found[-1]
 
 
-def _read_run_file(checkpoint: Path) -> dict[str, Any] | None:
+def _saved_run(checkpoint: Path) -> dict[str, Any]:
+    """The run file of ``checkpoint`` (or of its output directory).
+
+    Raises:
+        CLIError: If there is none (not a ``hiftune train`` checkpoint) or it is corrupt.
+    """
     for candidate in (checkpoint / RUN_CONFIG, checkpoint.parent / RUN_CONFIG):
         if candidate.is_file():
             try:
                 return json.loads(candidate.read_text())
             except json.JSONDecodeError as e:
                 raise CLIError(f"{candidate} is corrupt: {e.msg}") from e
-    return None
+    raise CLIError(f"--resume {checkpoint} was not written by hiftune train (no {RUN_CONFIG})")
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -364,7 +367,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
             raw = yaml.safe_load(text)
     except Exception as e:  # any parse error is the user's file
-        raise CLIError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from e
+        raise CLIError(f"cannot parse config file {path}: {first_line(e)}") from e
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -431,19 +434,16 @@ class Recipe:
             model_dir, cfg.task, num_labels=len(classes or [0, 1]), name=cfg.model
         )
         identity = self._identity(model_dir, classes)
-        if checkpoint is not None:
-            self._check_resume(checkpoint, identity)
+        saved = self._check_resume(checkpoint, identity) if checkpoint is not None else None
         task = self._build_task(model, tokenizer, classes)
         train_ds = task.encode(splits["train"])
-        eval_ds = task.encode(splits["eval"])
-        # Evaluation order does not change the metrics; sorting by length minimises padding.
-        eval_ds.sort(key=lambda f: len(f["input_ids"]))
+        eval_ds = task.encode_eval(splits["eval"])
 
         out_dir.mkdir(parents=True, exist_ok=True)
         meta = {"config": cfg.to_dict(), "identity": identity}
         run_file = out_dir / RUN_CONFIG
-        if checkpoint is not None:
-            meta["zero_shot"] = (_read_run_file(checkpoint) or {}).get("zero_shot")
+        if saved is not None:
+            meta["zero_shot"] = saved.get("zero_shot")
         trainer, progress = self._build_trainer(
             model, tokenizer, task, train_ds, eval_ds, out_dir, meta
         )
@@ -471,8 +471,7 @@ class Recipe:
 
         final = self._evaluate(trainer, "fine-tuned")
         if cfg.also_eval:
-            extra = task.encode(splits["also"])
-            extra.sort(key=lambda f: len(f["input_ids"]))
+            extra = task.encode_eval(splits["also"])
             meta["also_eval"] = {
                 cfg.also_eval: self._evaluate(trainer, cfg.also_eval, _ListDataset(extra))
             }
@@ -511,16 +510,7 @@ class Recipe:
         if cfg.data is None:
             splits = D.sentiment_splits()
             if cfg.task == "sft":
-                splits = {
-                    k: [
-                        {
-                            "prompt": D.SFT_SENTIMENT_PROMPT.replace("{text}", r["text"]),
-                            "response": D.SFT_SENTIMENT_RESPONSES[r["label"]],
-                        }
-                        for r in v
-                    ]
-                    for k, v in splits.items()
-                }
+                splits = {k: D.as_sft(v) for k, v in splits.items()}
                 classes = None
             else:
                 classes = ["negative", "positive"]
@@ -556,12 +546,9 @@ class Recipe:
             "classes": classes,
         }
 
-    def _check_resume(self, checkpoint: Path, identity: Mapping[str, Any]) -> None:
-        saved = _read_run_file(checkpoint)
-        if saved is None:
-            raise CLIError(
-                f"--resume {checkpoint} was not written by hiftune train (no {RUN_CONFIG})"
-            )
+    def _check_resume(self, checkpoint: Path, identity: Mapping[str, Any]) -> dict[str, Any]:
+        """Refuses a checkpoint of another run; returns its saved run file."""
+        saved = _saved_run(checkpoint)
         resolved = {k: v for k, v in identity.items() if k != "model_dir"}
         theirs = {
             **saved.get("config", {}),
@@ -574,6 +561,7 @@ class Recipe:
                     f"--resume {checkpoint} is from a different run: it has {key}={value!r}, "
                     f"this run has {key}={ours.get(key)!r}"
                 )
+        return saved
 
     def _build_task(self, model: Any, tokenizer: Any, classes: list[str] | None) -> _Task:
         cfg = self.cfg
@@ -614,7 +602,7 @@ class Recipe:
         try:
             args = self._training_arguments(TrainingArguments, out_dir, autocast_bf16)
         except ValueError as e:  # e.g. a precision this machine does not support
-            raise CLIError(f"invalid training arguments: {str(e).splitlines()[0]}") from e
+            raise CLIError(f"invalid training arguments: {first_line(e)}") from e
         common: dict[str, Any] = dict(
             model=model,
             args=args,
@@ -844,6 +832,11 @@ class _Task:
 
     def encode(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         raise NotImplementedError
+
+    def encode_eval(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """:meth:`encode`, sorted by length: the order does not change the metrics, and sorted
+        batches need the least padding."""
+        return sorted(self.encode(records), key=lambda f: len(f["input_ids"]))
 
     def collator(self) -> D.PadCollator:
         """Right padding: the default for models that read the first token or mask the padding."""
