@@ -145,3 +145,9 @@ def test_jsonl_roundtrip_with_json_module(tmp_path: Path) -> None:
     path = tmp_path / "x.json"
     path.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
     assert D.read_records(path) == [{"prompt": "p", "response": "r"}]
+
+
+def test_bundled_sentiment_as_sft_pairs():
+    pairs = D.as_sft([{"text": "A dull film.", "label": 0}, {"text": "A joy.", "label": 1}])
+    assert [p["response"] for p in pairs] == ["negative", "positive"]
+    assert pairs[0]["prompt"].endswith("\n\nA dull film.") and "{text}" not in pairs[1]["prompt"]
