@@ -1,32 +1,26 @@
 """hiftune: hierarchical full-parameter fine-tuning (HiFT) for PyTorch and Hugging Face models.
 
-The public API is flat and small::
+The public API is small::
 
     from hiftune import HiFTConfig, HiFTOptimizer
+
+Everything else stays importable from its module (e.g. ``hiftune.engine.paging.HostStore``,
+``hiftune.integrations.transformers.HiFTTrainer``); see ``docs/design.md`` for the layers.
 """
 
-from .config import HiFTConfig
-from .optimizer import DelayedLR, HiFTOptimizer
-from .paging import DiskStore, HostStore, KeepStore, StateStore
-from .precision import LossScaler
-from .units import ARCHITECTURES, ArchitectureHints, Unit, find_blocks, group_units, split_units
+from .engine.config import HiFTConfig
+from .engine.optimizer import DelayedLR, HiFTOptimizer
+from .engine.paging import DiskStore, StateStore
+from .engine.units import split_units
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
-    "ARCHITECTURES",
-    "ArchitectureHints",
     "DelayedLR",
     "DiskStore",
     "HiFTConfig",
     "HiFTOptimizer",
-    "HostStore",
-    "KeepStore",
-    "LossScaler",
     "StateStore",
-    "Unit",
     "__version__",
-    "find_blocks",
-    "group_units",
     "split_units",
 ]

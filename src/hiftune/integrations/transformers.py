@@ -25,8 +25,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.optimization import get_scheduler
 
-from ..config import HiFTConfig
-from ..optimizer import HiFTOptimizer
+from ..engine.config import HiFTConfig
+from ..engine.optimizer import HiFTOptimizer
 
 __all__ = ["HiFTCallback", "HiFTSFTTrainer", "HiFTTrainer", "HiFTTrainerMixin", "unwrap_hift"]  # noqa: F822 - HiFTSFTTrainer is lazy
 

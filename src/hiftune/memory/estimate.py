@@ -1,7 +1,7 @@
 """Predict the training memory of FPFT and HiFT from a model's architecture alone.
 
 The model is built on the ``meta`` device (shapes, no storage), split into units and groups by
-the same :func:`hiftune.units.split_units` / :func:`hiftune.units.group_units` that training uses,
+the same :func:`hiftune.engine.units.split_units` / :func:`hiftune.engine.units.group_units` that training uses,
 and every figure follows from parameter shapes:
 
 * **weights**: every parameter of the model (buffers such as rotary tables are left out, as in the
@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import HiFTConfig
-from ..units import Unit, group_name, group_units, split_units
+from ..engine.config import HiFTConfig
+from ..engine.units import Unit, group_name, group_units, split_units
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def build_meta_model(model: str | Any, task: str = "causal-lm", num_labels: int 
     Raises:
         ValueError: For an unknown preset, an unreadable path, or a task the architecture lacks.
     """
-    from .presets import build_model, resolve_config
+    from .configs import build_model, resolve_config
 
     config = resolve_config(model) if isinstance(model, str) else copy.deepcopy(model)
     return build_model(config, task=task, num_labels=num_labels, device="meta")
@@ -435,7 +435,7 @@ def _activation_estimates(
     if any(not p.is_meta for p in model.parameters()):
         raise ValueError(
             "the activation estimate runs forward passes and needs a model on the meta device "
-            "(build it with hiftune.memory.presets.build_model(..., device='meta'))"
+            "(build it with hiftune.memory.configs.build_model(..., device='meta'))"
         )
     out: dict[str, tuple[float, float]] = {}
     by_dtype: dict[torch.dtype, tuple[float, float]] = {}
@@ -519,14 +519,14 @@ def _csv(choices: Sequence[str] | None) -> Callable[[str], list[str]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the arguments of ``hiftune estimate``."""
-    from .presets import PRESETS, TASKS
+    from .configs import CONFIGS, HEADS
 
     parser.add_argument(
         "model",
         metavar="MODEL",
-        help=f"a preset ({', '.join(PRESETS)}) or a Hugging Face config.json (file or directory)",
+        help=f"a preset ({', '.join(CONFIGS)}) or a Hugging Face config.json (file or directory)",
     )
-    parser.add_argument("--task", choices=TASKS, default="causal-lm", help="head to build")
+    parser.add_argument("--task", choices=HEADS, default="causal-lm", help="head to build")
     parser.add_argument(
         "--num-labels", type=int, default=2, help="classes of the seq-cls head (default 2)"
     )
@@ -555,13 +555,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``hiftune estimate``: prints a table (or JSON) to stdout."""
-    from ..cli import CLIError, first_line
-    from ..report import markdown_table
+    from ..errors import UserError, first_line
+    from .report import markdown_table
 
     if args.num_labels < 1:
-        raise CLIError(f"--num-labels must be >= 1, got {args.num_labels}")
+        raise UserError(f"--num-labels must be >= 1, got {args.num_labels}")
     if args.units_per_group < 1:
-        raise CLIError(f"--units-per-group must be >= 1, got {args.units_per_group}")
+        raise UserError(f"--units-per-group must be >= 1, got {args.units_per_group}")
     try:
         model = build_meta_model(args.model, args.task, args.num_labels)
         rows = estimate(
@@ -575,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
             seq_len=args.seq_len,
         )
     except ValueError as e:
-        raise CLIError(first_line(e)) from None
+        raise UserError(first_line(e)) from None
 
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))

@@ -48,14 +48,14 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..config import HiFTConfig
-from ..optimizer import HiFTOptimizer
-from ..paging import StateStore, Tensors
-from ..precision import DTYPES
-from ..report import markdown_table, plot_lines, write_json
-from ..units import group_units, split_units
+from ..engine.config import HiFTConfig
+from ..engine.optimizer import HiFTOptimizer
+from ..engine.paging import StateStore, Tensors
+from ..engine.precision import DTYPES
+from .report import markdown_table, plot_lines, write_json
+from ..engine.units import group_units, split_units
 from .measure import MiB, current_memory_mib, peak_memory_mib, reset_peak_memory
-from .presets import TASKS, build_model, resolve_config
+from .configs import HEADS, build_model, resolve_config
 
 logger = logging.getLogger(__name__)
 
@@ -561,8 +561,8 @@ def build_specs(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
     task = common.get("task", "causal-lm")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    if task not in HEADS:
+        raise ValueError(f"task must be one of {', '.join(HEADS)}; got {task!r}")
     for name in ("batch_size", "seq_len", "units_per_group"):
         if common.get(name, 1) < 1:
             raise ValueError(f"{name} must be >= 1, got {common[name]}")
@@ -838,7 +838,7 @@ def _csv(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``hiftune profile`` options to ``parser``."""
     parser.add_argument("model", help="a preset name or a Hugging Face config.json file or dir")
-    parser.add_argument("--task", default="causal-lm", choices=TASKS)
+    parser.add_argument("--task", default="causal-lm", choices=HEADS)
     parser.add_argument("--batch-size", type=_positive_int, default=1)
     parser.add_argument("--seq-len", type=_positive_int, default=128)
     parser.add_argument("--optimizer", default="adamw", choices=tuple(OPTIMIZERS))
@@ -900,7 +900,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``hiftune profile``: every configuration in its own subprocess, then the report."""
     from tqdm.auto import tqdm
 
-    from ..cli import CLIError
+    from ..errors import UserError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     offloads = args.offload or (["host"] if device == "cuda" else ["disk"])
@@ -925,7 +925,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
         )
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
 
     command = _command_line(args, offloads)
     total = sum(s.warmup + s.steps * (2 if s.timing == "separate" else 1) for s in specs)

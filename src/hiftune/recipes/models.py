@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cli import first_line
+from ..errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ WEIGHT_FILES = (
 )
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model cannot be found, converted or used for the requested task (a user error)."""
 
 

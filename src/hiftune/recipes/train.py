@@ -32,8 +32,8 @@ from typing import Any
 # The Hub is often unreachable (and never needed: models are local); fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from ..cli import CLIError, first_line
-from ..config import OFFLOADS, ORDERS, PRECISIONS
+from ..errors import UserError, first_line
+from ..engine.config import OFFLOADS, ORDERS, PRECISIONS
 from . import data as D
 from .models import DEFAULT_MODEL, PRESETS, TASKS, ModelError
 
@@ -297,7 +297,7 @@ def config_from_args(args: argparse.Namespace) -> TrainRecipeConfig:
     """Defaults, then the ``--config`` file, then explicit flags.
 
     Raises:
-        CLIError: For an unreadable config file, an unknown key or an invalid value.
+        UserError: For an unreadable config file, an unknown key or an invalid value.
     """
     values: dict[str, Any] = {}
     resume = getattr(args, "resume", None)
@@ -317,18 +317,18 @@ def config_from_args(args: argparse.Namespace) -> TrainRecipeConfig:
     try:
         return TrainRecipeConfig(**values)
     except ValueError as e:
-        raise CLIError(str(e)) from e
+        raise UserError(str(e)) from e
 
 
 def find_checkpoint(resume: str) -> Path:
     """The checkpoint ``--resume`` means: the directory itself, or its latest ``checkpoint-N``.
 
     Raises:
-        CLIError: If there is no such directory or it holds no Trainer checkpoint.
+        UserError: If there is no such directory or it holds no Trainer checkpoint.
     """
     path = Path(resume).expanduser()
     if not path.is_dir():
-        raise CLIError(f"--resume {path} is not a directory")
+        raise UserError(f"--resume {path} is not a directory")
     if (path / "trainer_state.json").is_file():
         return path
     found = sorted(
@@ -336,7 +336,7 @@ def find_checkpoint(resume: str) -> Path:
         key=lambda p: int(re.sub(r"\D", "", p.name) or 0),
     )
     if not found:
-        raise CLIError(f"--resume {path} holds no checkpoint (no trainer_state.json)")
+        raise UserError(f"--resume {path} holds no checkpoint (no trainer_state.json)")
     return found[-1]
 
 
@@ -344,20 +344,20 @@ def _saved_run(checkpoint: Path) -> dict[str, Any]:
     """The run file of ``checkpoint`` (or of its output directory).
 
     Raises:
-        CLIError: If there is none (not a ``hiftune train`` checkpoint) or it is corrupt.
+        UserError: If there is none (not a ``hiftune train`` checkpoint) or it is corrupt.
     """
     for candidate in (checkpoint / RUN_CONFIG, checkpoint.parent / RUN_CONFIG):
         if candidate.is_file():
             try:
                 return json.loads(candidate.read_text())
             except json.JSONDecodeError as e:
-                raise CLIError(f"{candidate} is corrupt: {e.msg}") from e
-    raise CLIError(f"--resume {checkpoint} was not written by hiftune train (no {RUN_CONFIG})")
+                raise UserError(f"{candidate} is corrupt: {e.msg}") from e
+    raise UserError(f"--resume {checkpoint} was not written by hiftune train (no {RUN_CONFIG})")
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CLIError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".json":
@@ -367,17 +367,17 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
             raw = yaml.safe_load(text)
     except Exception as e:  # any parse error is the user's file
-        raise CLIError(f"cannot parse config file {path}: {first_line(e)}") from e
+        raise UserError(f"cannot parse config file {path}: {first_line(e)}") from e
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise CLIError(f"config file {path} must hold a mapping of option: value")
+        raise UserError(f"config file {path} must hold a mapping of option: value")
     names = {f.name for f in dataclasses.fields(TrainRecipeConfig)} - {"config"}
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in names:
-            raise CLIError(f"unknown key {key!r} in {path}; allowed: {', '.join(sorted(names))}")
+            raise UserError(f"unknown key {key!r} in {path}; allowed: {', '.join(sorted(names))}")
         out[name] = value
     return out
 
@@ -391,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return Recipe(cfg, verbose=bool(getattr(args, "verbose", False))).run()
     except (D.DataError, ModelError) as e:
-        raise CLIError(str(e)) from e
+        raise UserError(str(e)) from e
 
 
 class Recipe:
@@ -557,7 +557,7 @@ class Recipe:
         ours = {**self.cfg.to_dict(), **resolved}
         for key, value in theirs.items():
             if key not in RESUMABLE_CHANGES and ours.get(key) != value:
-                raise CLIError(
+                raise UserError(
                     f"--resume {checkpoint} is from a different run: it has {key}={value!r}, "
                     f"this run has {key}={ours.get(key)!r}"
                 )
@@ -602,7 +602,7 @@ class Recipe:
         try:
             args = self._training_arguments(TrainingArguments, out_dir, autocast_bf16)
         except ValueError as e:  # e.g. a precision this machine does not support
-            raise CLIError(f"invalid training arguments: {first_line(e)}") from e
+            raise UserError(f"invalid training arguments: {first_line(e)}") from e
         common: dict[str, Any] = dict(
             model=model,
             args=args,
@@ -616,7 +616,7 @@ class Recipe:
             processing_class=tokenizer,
         )
         if cfg.method == "hift":
-            from ..config import HiFTConfig
+            from ..engine.config import HiFTConfig
             from ..integrations.transformers import HiFTTrainer
 
             hift = HiFTConfig(
@@ -698,7 +698,7 @@ class Recipe:
     ) -> dict[str, Any]:
         from ..integrations.transformers import unwrap_hift
         from ..memory.measure import peak_memory_mib
-        from ..report import markdown_table, plot_lines, write_json
+        from ..memory.report import markdown_table, plot_lines, write_json
 
         cfg = self.cfg
         hift = unwrap_hift(trainer.optimizer)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 #: Preset name -> ``transformers.AutoConfig.for_model`` arguments (public architecture facts).
-PRESETS: dict[str, dict[str, Any]] = {
+CONFIGS: dict[str, dict[str, Any]] = {
     "llama-2-7b": dict(
         model_type="llama",
         vocab_size=32000,
@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-TASKS = ("causal-lm", "seq-cls")
+HEADS = ("causal-lm", "seq-cls")
 
 
 def resolve_config(model: str) -> Any:
@@ -80,15 +80,15 @@ def resolve_config(model: str) -> Any:
     """
     from transformers import AutoConfig
 
-    if model in PRESETS:
-        kwargs = dict(PRESETS[model])
+    if model in CONFIGS:
+        kwargs = dict(CONFIGS[model])
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(
-            f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file or a "
+            f"{model!r} is neither a preset ({', '.join(CONFIGS)}) nor a config.json file or a "
             "directory holding one"
         )
     try:
@@ -111,8 +111,8 @@ def build_model(
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    if task not in HEADS:
+        raise ValueError(f"task must be one of {', '.join(HEADS)}; got {task!r}")
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     if task == "seq-cls":
         config.num_labels = num_labels

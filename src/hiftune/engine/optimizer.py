@@ -64,7 +64,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         param_groups_fn: Optional per-parameter options: receives one group's ``(name, param)``
             pairs and returns torch param-group dicts for them (e.g. weight decay 0 for biases and
             norms). By default each HiFT group is one param group.
-        store: Optional :class:`~hiftune.paging.StateStore` to hold inactive groups' state,
+        store: Optional :class:`~hiftune.engine.paging.StateStore` to hold inactive groups' state,
             instead of the one ``config.offload`` names (e.g. a store of your own, or a
             ``DiskStore(write_behind=True)``).
         **optimizer_kwargs: Passed unchanged to ``optimizer_cls`` for every group.

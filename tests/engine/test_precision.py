@@ -3,7 +3,8 @@ import copy
 import pytest
 import torch
 
-from hiftune import HiFTConfig, HiFTOptimizer, LossScaler
+from hiftune import HiFTConfig, HiFTOptimizer
+from hiftune.engine.precision import LossScaler
 from tinymodels import TinyLM, lm_loss
 
 

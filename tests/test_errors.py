@@ -1,4 +1,4 @@
-from hiftune.cli import first_line
+from hiftune.errors import first_line
 
 
 def test_first_line_of_an_error_message():

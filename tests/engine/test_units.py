@@ -3,7 +3,8 @@ import torch
 import transformers as T
 from torch import nn
 
-from hiftune import HiFTConfig, find_blocks, group_units, split_units
+from hiftune import HiFTConfig, split_units
+from hiftune.engine.units import find_blocks, group_units
 from tinymodels import TinyLM, tiny_hf_config
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neo", "opt", "bert", "roberta"]

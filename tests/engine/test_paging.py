@@ -3,7 +3,7 @@ import gc
 import pytest
 import torch
 
-from hiftune import DiskStore, HostStore, KeepStore
+from hiftune.engine.paging import DiskStore, HostStore, KeepStore
 
 
 def _tensors():

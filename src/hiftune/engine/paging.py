@@ -60,8 +60,16 @@ class StateStore(ABC):
         """Releases files and threads; the store is unusable afterwards."""
 
 
-def _nbytes(tensors: Tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def tensor_bytes(obj: object) -> int:
+    """Bytes of every tensor in ``obj``: a tensor, or dicts, lists and tuples of them (other
+    values count 0). The one byte counter of hiftune (paging, the estimator and the profiler)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 class KeepStore(StateStore):
@@ -83,7 +91,7 @@ class KeepStore(StateStore):
         return key in self._data
 
     def resident_bytes(self) -> int:
-        return sum(_nbytes(t) for t in self._data.values())
+        return sum(tensor_bytes(t) for t in self._data.values())
 
 
 class HostStore(StateStore):
@@ -165,8 +173,8 @@ class HostStore(StateStore):
         return key in self._host or key in self._ready
 
     def resident_bytes(self) -> int:
-        return sum(_nbytes(h) for h, _, _ in self._host.values()) + sum(
-            _nbytes(t) for t, _ in self._ready.values()
+        return sum(tensor_bytes(h) for h, _, _ in self._host.values()) + sum(
+            tensor_bytes(t) for t, _ in self._ready.values()
         )
 
 
@@ -214,7 +222,7 @@ class DiskStore(StateStore):
         host = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         self._reads.pop(key, None)
         self._devices[key] = {k: v.device for k, v in tensors.items()}
-        self._writes[key] = (self._pool.submit(_atomic_save, host, self.path(key)), _nbytes(host))
+        self._writes[key] = (self._pool.submit(_atomic_save, host, self.path(key)), tensor_bytes(host))
         del host  # the write thread holds the only reference now, and drops it when done
         if not self.write_behind:
             self._wait_write(key)
@@ -243,7 +251,7 @@ class DiskStore(StateStore):
 
     def resident_bytes(self) -> int:
         pending = sum(n for f, n in self._writes.values() if not f.done())
-        loaded = sum(_nbytes(f.result()) for f in self._reads.values() if f.done())
+        loaded = sum(tensor_bytes(f.result()) for f in self._reads.values() if f.done())
         return pending + loaded
 
     def close(self) -> None:
