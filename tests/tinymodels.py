@@ -32,7 +32,7 @@ class TinyLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids) + self.pos(torch.arange(ids.shape[1]))
+        x = self.embed(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm(x))
@@ -42,6 +42,25 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of a TinyLM."""
     logits = model(ids)
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def train_steps(model: nn.Module, opt, batches, sched=None) -> list[float]:
+    """One optimizer step (and scheduler step, if given) per batch; returns the losses."""
+    losses = []
+    for ids in batches:
+        loss = lm_loss(model, ids)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
 
 
 def tiny_hf_config(family: str):

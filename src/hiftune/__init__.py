@@ -9,7 +9,8 @@ Everything else stays importable from its module (e.g. ``hiftune.engine.paging.H
 """
 
 from .engine.config import HiFTConfig
-from .engine.optimizer import DelayedLR, HiFTOptimizer
+from .engine.delay import DelayedLR
+from .engine.optimizer import HiFTOptimizer
 from .engine.paging import DiskStore, StateStore
 from .engine.units import split_units
 

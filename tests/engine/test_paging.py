@@ -1,4 +1,7 @@
+"""The state stores: round trips, atomic disk files, cleanup, flush, clear errors."""
+
 import gc
+import shutil
 
 import pytest
 import torch
@@ -38,7 +41,7 @@ def test_host_store_on_cpu_keeps_tensors_in_place():
 def test_disk_store_writes_atomically_and_cleans_up(tmp_path):
     store = DiskStore(tmp_path / "state")
     store.put(1, _tensors())
-    store._wait_write(1)
+    store.flush()
     files = sorted(p.name for p in (tmp_path / "state").iterdir())
     assert files == ["group_0001.safetensors"]  # no temporary file left behind
     store.close()
@@ -58,12 +61,12 @@ def test_disk_store_temporary_directory_is_removed_when_collected():
 def test_corrupt_or_missing_state_file_is_a_clear_error(tmp_path):
     store = DiskStore(tmp_path)
     store.put(0, _tensors())
-    store._wait_write(0)
+    store.flush()
     store.path(0).write_bytes(b"this is not a safetensors file")
     with pytest.raises(RuntimeError, match="corrupt or unreadable"):
         store.get(0)
     store.put(1, _tensors())
-    store._wait_write(1)
+    store.flush()
     store.path(1).unlink()
     with pytest.raises(RuntimeError, match="is missing"):
         store.get(1)
@@ -83,10 +86,10 @@ def test_disk_put_waits_for_its_write_unless_write_behind(tmp_path):
     assert store.path(0).exists() and store.resident_bytes() == 0
     behind = DiskStore(tmp_path / "b", write_behind=True)
     behind.put(0, _tensors())
-    behind._wait_write(0)
+    behind.flush()
     assert behind.path(0).exists()
     behind.prefetch(0)
-    behind._reads[0].result()
+    behind.flush()
     assert behind.resident_bytes() == 4 * 3 * 4 + 4  # the prefetched tensors are in memory
     store.close()
     behind.close()
@@ -117,3 +120,36 @@ def test_optimizer_accepts_a_store_of_its_own(tiny_lm, batches):
         opt.step()
         opt.zero_grad()
     assert CountingStore.puts == before + 3
+
+
+def test_flush_waits_for_every_write_behind(tmp_path):
+    store = DiskStore(tmp_path, write_behind=True)
+    expected = [_tensors() for _ in range(3)]
+    for key in range(3):
+        store.put(key, {k: v.clone() for k, v in expected[key].items()})
+    store.flush()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"group_000{key}.safetensors" for key in range(3)
+    ]
+    assert store.resident_bytes() == 0  # nothing in flight any more
+    for key in range(3):
+        assert all(torch.equal(v, expected[key][k]) for k, v in store.peek(key).items())
+    store.close()
+
+
+def test_flush_raises_a_failed_write_behind(tmp_path):
+    store = DiskStore(tmp_path / "state", write_behind=True)
+    shutil.rmtree(tmp_path / "state")  # the write cannot succeed, but put() does not wait for it
+    store.put(0, _tensors())
+    with pytest.raises(RuntimeError, match="could not write optimizer state"):
+        store.flush()
+    store.close()
+
+
+@pytest.mark.parametrize("store_cls", [KeepStore, HostStore])
+def test_flush_of_memory_stores_changes_nothing(store_cls):
+    store = store_cls()
+    t = torch.ones(3)
+    store.put(0, {"a": t})
+    store.flush()
+    assert 0 in store and torch.equal(store.get(0)["a"], t)

@@ -1,3 +1,5 @@
+"""Hierarchical mixed precision: bf16/fp16 weights, fp32 masters only for the active group."""
+
 import copy
 
 import pytest
@@ -38,14 +40,22 @@ def test_bf16_tracks_fp32(tiny_lm, batches):
 
 def test_masters_exist_only_for_the_active_group(tiny_lm, batches):
     opt = HiFTOptimizer(tiny_lm, torch.optim.AdamW, HiFTConfig(precision="bf16"), lr=1e-2)
-    _train(tiny_lm, opt, batches[:3])
-    # Between steps every group's fp32 masters are paged out: no fp32 weight data in memory.
-    assert all(m.numel() == 0 for masters in opt._masters for m in masters)
+    # Two cycles: each group is checked before its first step and again after it.
+    for ids in batches[: 2 * opt.num_groups]:
+        # Between steps the group's fp32 masters are paged out: no fp32 weight data in memory.
+        assert all(m.numel() == 0 for m in opt.master_parameters())
+        lm_loss(tiny_lm, ids).backward()
+        opt.unscale_()  # brings them in, with the fp32 gradients
+        masters = opt.master_parameters()
+        assert all(m.dtype == torch.float32 and m.numel() > 0 for m in masters)
+        assert all(m.grad is not None and m.grad.dtype == torch.float32 for m in masters)
+        opt.step()
+        opt.zero_grad()
     # and they come back exactly, fp32, in the state dict
     sd = opt.state_dict()
     masters = [m for g in sd["groups"] for m in g["masters"]]
     assert all(m.dtype == torch.float32 and m.numel() > 0 for m in masters)
-    assert all(m.numel() == 0 for ms in opt._masters for m in ms)
+    assert all(m.numel() == 0 for m in opt.master_parameters())
 
 
 def test_masters_keep_precision_that_half_weights_lose(tiny_lm, batches):
@@ -110,7 +120,7 @@ def test_fp16_loss_is_scaled_and_grads_unscaled(tiny_lm, batches):
     lm_loss(tiny_lm, batches[0]).mul(256.0).backward()
     half_grad = opt.active_parameters()[0].grad.float().clone()
     opt.unscale_()
-    master_grad = opt._masters[opt._order[0]][0].grad
+    master_grad = opt.master_parameters()[0].grad
     torch.testing.assert_close(master_grad, half_grad / 256.0)
 
 

@@ -1,6 +1,7 @@
+"""The unit split: Hugging Face families (skipped without transformers), custom stacks, overrides."""
+
 import pytest
 import torch
-import transformers as T
 from torch import nn
 
 from hiftune import HiFTConfig, split_units
@@ -21,6 +22,7 @@ def _check_partition(model: nn.Module, units) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("task", ["causal-lm", "seq-cls"])
 def test_hf_families_split_into_embed_blocks_head(family, task):
+    T = pytest.importorskip("transformers")
     config = tiny_hf_config(family)
     if task == "causal-lm":
         model = T.AutoModelForCausalLM.from_config(config)
@@ -55,12 +57,14 @@ def test_hf_families_split_into_embed_blocks_head(family, task):
 
 
 def test_position_embeddings_are_in_the_embedding_unit():
+    T = pytest.importorskip("transformers")
     model = T.AutoModelForCausalLM.from_config(tiny_hf_config("gpt2"))
     embed = split_units(model)[0]
     assert set(embed.params) == {"transformer.wte.weight", "transformer.wpe.weight"}
 
 
 def test_opt_final_norm_goes_to_head_although_registered_before_blocks():
+    T = pytest.importorskip("transformers")
     model = T.AutoModelForCausalLM.from_config(tiny_hf_config("opt"))
     units = split_units(model)
     assert "model.decoder.final_layer_norm.weight" in units[-1].params
@@ -157,6 +161,7 @@ def test_group_units_packs_consecutive_units():
 
 
 def test_split_works_on_the_meta_device():
+    T = pytest.importorskip("transformers")
     with torch.device("meta"):
         model = T.AutoModelForCausalLM.from_config(tiny_hf_config("llama"))
     assert len(split_units(model)) == 5

@@ -8,23 +8,19 @@ import pytest
 import torch
 
 from hiftune.cli import main
-from hiftune.memory.estimate import (
-    EstimateRow,
-    StateSizer,
-    build_meta_model,
-    estimate,
-    resolve_optimizer,
-)
+from hiftune.errors import UserError
+from hiftune.memory.estimate import EstimateRow, build_meta_model, estimate
 from hiftune.memory.measure import current_memory_mib
+from hiftune.memory.state_sizer import StateSizer
 
-# Reference table of hift-method.md §7 (LLaMA-2-7B, m=1, MiB): (method, optimizer, precision) ->
+# Reference table of hift-method.md §7 (LLaMA-2-7B, m=1, MiB): (method, optimizer, mode) ->
 # (weights, grads, states). Written down here only; the estimator computes them.
 REFERENCE = {
     ("fpft", "adamw", "fp32"): (25705.04, 25705.04, 51410.08),
     ("hift", "adamw", "fp32"): (25705.04, 772.03, 1544.06),
     ("fpft", "adamw", "mixed"): (38557.56, 25705.04, 51410.08),
     ("hift", "adamw", "mixed"): (38557.56, 772.03, 1544.06),
-    ("hift", "adamw", "mixed-hi"): (13624.53, 772.03, 1544.06),
+    ("hift", "adamw", "mixed^Hi"): (13624.53, 772.03, 1544.06),
     ("fpft", "sgdm", "fp32"): (25705.04, 25705.04, 25705.04),
     ("hift", "sgdm", "fp32"): (25705.04, 772.03, 772.03),
     ("fpft", "sgd", "fp32"): (25705.04, 25705.04, 0.0),
@@ -39,12 +35,15 @@ LLAMA_7B_BLOCK = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention, MLP
 
 
 def _by_key(rows: list[EstimateRow]) -> dict[tuple[str, str, str], EstimateRow]:
-    return {(r.method, r.optimizer, r.precision): r for r in rows}
+    keys = [(r.method, r.optimizer, r.mode) for r in rows]
+    assert len(set(keys)) == len(keys)
+    return dict(zip(keys, rows, strict=True))
 
 
 @pytest.fixture(scope="module")
 def llama7b_rows() -> dict[tuple[str, str, str], EstimateRow]:
-    return _by_key(estimate("llama-2-7b"))
+    # The paper's table: fp32 and bf16, HiFT under both standard mixed precision and mixed^Hi.
+    return _by_key(estimate("llama-2-7b", hift_mixed="both"))
 
 
 @pytest.mark.parametrize("key", sorted(REFERENCE))
@@ -63,8 +62,12 @@ def test_llama_2_7b_matches_reference_table(llama7b_rows, key):
 def test_llama_2_7b_covers_every_combination(llama7b_rows):
     optimizers = {"adamw", "sgdm", "sgd", "adafactor", "adagrad"}
     expected = {(m, o, p) for o in optimizers for m in ("fpft", "hift") for p in ("fp32", "mixed")}
-    expected |= {("hift", o, "mixed-hi") for o in optimizers}
+    expected |= {("hift", o, "mixed^Hi") for o in optimizers}
     assert set(llama7b_rows) == expected
+    # One set of precision names: fp32 rows are fp32, every mixed mode is a bf16 row.
+    assert all(
+        r.precision == ("fp32" if k[2] == "fp32" else "bf16") for k, r in llama7b_rows.items()
+    )
     assert all(r.group.startswith("layers.") for k, r in llama7b_rows.items() if k[0] == "hift")
 
 
@@ -119,7 +122,10 @@ def test_optimizer_state_comes_from_the_real_class():
     real = Adafactor([param])
     real.step()
     real_bytes = sum(v.nbytes for v in real.state[param].values() if isinstance(v, torch.Tensor))
-    _, sizer = resolve_optimizer("adafactor")
+    # "adafactor" is the registry's (relative_step=False, as train and profile use it); its
+    # state has the size of the class defaults' state.
+    sizer = StateSizer.from_name("adafactor")
+    assert sizer.kwargs["relative_step"] is False
     assert sizer.bytes(shape) == real_bytes
     # Factored: row + column vectors (+ the scalar RMS), not a full second moment.
     assert sizer.bytes((4096, 11008)) == (4096 + 11008 + 1) * 4
@@ -148,7 +154,7 @@ class _ExponentialState(torch.optim.Optimizer):
 
 
 def test_state_that_cannot_be_extrapolated_is_refused():
-    with pytest.raises(ValueError, match="not a polynomial"):
+    with pytest.raises(UserError, match="not a polynomial"):
         StateSizer(_ExponentialState).bytes((100,))
 
 
@@ -187,14 +193,12 @@ def test_activation_estimate_is_optional_and_scales_with_the_batch():
     # Frozen blocks below the active group keep fewer tensors than full fine-tuning.
     fpft = small[("fpft", "sgd", "fp32")].activations_mib_estimate
     assert small[("hift", "sgd", "fp32")].activations_mib_estimate < fpft
-    with pytest.raises(ValueError, match="batch_size and seq_len"):
+    with pytest.raises(UserError, match="batch_size and seq_len"):
         estimate(config, batch_size=2)
 
 
 def test_cli_json_rows(capsys):
-    code = main(
-        ["estimate", "gpt2", "--optimizer", "adamw,sgd", "--precision", "mixed-hi", "--json"]
-    )
+    code = main(["estimate", "gpt2", "--optimizer", "adamw,sgd", "--precision", "bf16", "--json"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     assert {tuple(r) for r in rows} == {
@@ -202,21 +206,57 @@ def test_cli_json_rows(capsys):
             "method",
             "optimizer",
             "precision",
+            "mode",
             "trainable_params",
             "weights_mib",
             "grads_mib",
             "states_mib",
         )
     }
-    # mixed-hi exists only for HiFT.
-    assert [(r["method"], r["optimizer"]) for r in rows] == [("hift", "adamw"), ("hift", "sgd")]
+    # bf16 is standard mixed precision for FPFT and mixed^Hi for HiFT.
+    assert [(r["method"], r["optimizer"], r["precision"], r["mode"]) for r in rows] == [
+        ("fpft", "adamw", "bf16", "mixed"),
+        ("fpft", "sgd", "bf16", "mixed"),
+        ("hift", "adamw", "bf16", "mixed^Hi"),
+        ("hift", "sgd", "bf16", "mixed^Hi"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("hift_mixed", "hift_modes"),
+    [("hi", ["mixed^Hi"]), ("standard", ["mixed"]), ("both", ["mixed", "mixed^Hi"])],
+)
+def test_hift_mixed_chooses_the_mode_of_half_precision_hift_rows(hift_mixed, hift_modes):
+    rows = estimate("gpt2", optimizers=["sgd"], precisions=["fp16"], hift_mixed=hift_mixed)
+    assert [(r.method, r.mode) for r in rows] == [
+        ("fpft", "mixed"),
+        *(("hift", m) for m in hift_modes),
+    ]
+    assert all(r.precision == "fp16" for r in rows)
+    by_mode = {(r.method, r.mode): r for r in rows}
+    # Standard mixed precision keeps fp32 masters of every weight, for HiFT as for FPFT.
+    if ("hift", "mixed") in by_mode:
+        assert by_mode[("hift", "mixed")].weights_mib == by_mode[("fpft", "mixed")].weights_mib
+
+
+@pytest.mark.parametrize("old", ["mixed", "mixed-hi"])
+def test_old_precision_names_are_refused(old):
+    with pytest.raises(UserError, match="bf16"):
+        estimate("gpt2", optimizers=["sgd"], precisions=[old])
+
+
+@pytest.mark.parametrize("task", ["prompt-cls", "sft"])
+def test_train_task_names_build_a_causal_lm(task):
+    kwargs = {"optimizers": ["sgd"], "precisions": ["fp32"]}
+    assert estimate("gpt2", task=task, **kwargs) == estimate("gpt2", task="causal-lm", **kwargs)
+    assert type(build_meta_model("gpt2", task=task)).__name__ == "GPT2LMHeadModel"
 
 
 def test_cli_table(capsys):
     assert main(["estimate", "llama-2-7b", "--optimizer", "adafactor", "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
-    assert "| FPFT | adafactor | fp32 | all | 6,738.42M |" in out
-    assert "| HiFT | adafactor | fp32 | layers.0 | 202.38M |" in out
+    assert "| FPFT | adafactor | fp32 | fp32 | all | 6,738.42M |" in out
+    assert "| HiFT | adafactor | fp32 | fp32 | layers.0 | 202.38M |" in out
 
 
 @pytest.mark.parametrize(
@@ -226,6 +266,8 @@ def test_cli_table(capsys):
         ["estimate", "llama-9b"],
         ["estimate", "gpt2", "--units-per-group", "99"],
         ["estimate", "gpt2", "--optimizer", "lion"],
+        ["estimate", "gpt2", "--num-labels", "0", "--task", "seq-cls"],
+        ["estimate", "gpt2", "--units-per-group", "0"],
     ],
 )
 def test_cli_user_errors_are_one_line(argv, capsys):

@@ -1,15 +1,23 @@
-"""``hiftune profile`` on a tiny llama: the CLI end to end, the measurements, the bad inputs."""
+"""``hiftune profile`` on a tiny llama: the CLI end to end, the measurements, the bad inputs.
+
+The parent (``memory.profile``), the worker (``memory.profile_worker``) and the CLI are tested
+together: the CLI tests start real worker subprocesses."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from hiftune.cli import main
+from hiftune.errors import UserError
 from hiftune.memory import profile as prof
+from hiftune.memory import profile_worker as worker
+from hiftune.memory.measure import MiB
 
 TINY_LLAMA = {
     "model_type": "llama",
@@ -60,7 +68,7 @@ def test_cli_end_to_end(tiny_config: Path, tmp_path: Path, capsys: pytest.Captur
         assert run["time_s"]["timed_steps"] == 2 and run["time_s"]["mean_step"] > 0
         phases = [s["phase"] for s in run["steps"]]
         assert phases == ["warmup", "memory", "memory", "timing", "timing"]
-        assert run["environment"]["malloc"] == prof.MALLOC_ENV
+        assert run["environment"]["malloc"] == worker.MALLOC_ENV
     fpft, hift = result["runs"]
     assert hift["num_groups"] == 4  # embed (+ tied head), 2 blocks, final norm
     (ratio,) = result["ratios"]
@@ -89,21 +97,21 @@ def test_breakdown_follows_the_memory_model(tiny_config: Path) -> None:
     """In process (peaks are meaningless here, the byte counts are exact)."""
     n, largest_unit = tiny_params()
     common = dict(model=str(tiny_config), seq_len=8, steps=4, warmup=4)
-    fpft = prof.measure_run(prof.RunSpec(method="fpft", **common))["memory_mib"]
-    assert fpft["weights"] * prof.MiB == n * 4
-    assert fpft["gradients"] * prof.MiB == n * 4
+    fpft = worker.measure_run(worker.RunSpec(method="fpft", **common))["memory_mib"]
+    assert fpft["weights"] * MiB == n * 4
+    assert fpft["gradients"] * MiB == n * 4
     # AdamW: exp_avg and exp_avg_sq per parameter, plus a 4-byte step count per tensor.
-    assert 2 * n * 4 < fpft["optimizer_states"] * prof.MiB < 2 * n * 4 + 4 * 64
+    assert 2 * n * 4 < fpft["optimizer_states"] * MiB < 2 * n * 4 + 4 * 64
 
     runs = {
-        offload: prof.measure_run(prof.RunSpec(method="hift", offload=offload, **common))
+        offload: worker.measure_run(worker.RunSpec(method="hift", offload=offload, **common))
         for offload in ("none", "disk", "discard")
     }
     for offload in ("disk", "discard"):
         mem = runs[offload]["memory_mib"]
         assert mem["weights"] == fpft["weights"]
-        assert mem["gradients"] * prof.MiB == largest_unit
-        assert 2 * largest_unit <= mem["optimizer_states"] * prof.MiB < 2 * largest_unit + 256
+        assert mem["gradients"] * MiB == largest_unit
+        assert 2 * largest_unit <= mem["optimizer_states"] * MiB < 2 * largest_unit + 256
     # offload="none" keeps every group's state on the device once each group has stepped.
     assert runs["none"]["memory_mib"]["optimizer_states"] == pytest.approx(fpft["optimizer_states"])
     assert [s["group"] for s in runs["disk"]["steps"][:4]] == [
@@ -114,18 +122,59 @@ def test_breakdown_follows_the_memory_model(tiny_config: Path) -> None:
 
 def test_mixed_precision_counts_active_masters(tiny_config: Path) -> None:
     n, largest_unit = tiny_params()
-    run = prof.measure_run(
-        prof.RunSpec(str(tiny_config), "hift", seq_len=8, steps=4, warmup=0, precision="bf16")
+    run = worker.measure_run(
+        worker.RunSpec(str(tiny_config), "hift", seq_len=8, steps=4, warmup=0, precision="bf16")
     )
     mem = run["memory_mib"]
     # bf16 model + fp32 masters of the largest group; gradients in fp32 on the masters.
-    assert mem["weights"] * prof.MiB == n * 2 + largest_unit
-    assert mem["gradients"] * prof.MiB == largest_unit
+    assert mem["weights"] * MiB == n * 2 + largest_unit
+    assert mem["gradients"] * MiB == largest_unit
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in run["steps"])
 
 
+def test_optimizer_names_are_the_engine_registry(tiny_config: Path) -> None:
+    """``adafactor`` is transformers' Adafactor (as in train and estimate): factored state."""
+    n, _ = tiny_params()
+    spec = worker.RunSpec(
+        str(tiny_config), "fpft", optimizer="adafactor", seq_len=8, steps=1, warmup=0
+    )
+    run = worker.measure_run(spec)
+    assert run["optimizer_class"] == "transformers.optimization.Adafactor"
+    # Row and column second moments per matrix: far less than one value per parameter.
+    assert 0 < run["memory_mib"]["optimizer_states"] * MiB < n
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in run["steps"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"method": "lora"}, "method must be one of"),
+        ({"optimizer": "lion"}, "optimizer must be one of"),
+        ({"precision": "fp8"}, "precision must be one of"),
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"offload": "discard", "precision": "bf16"}, "master weights"),
+    ],
+)
+def test_run_spec_rejects_bad_fields(fields: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        worker.RunSpec(**{"model": "gpt2", "method": "hift", **fields})
+
+
+def test_build_specs_raises_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="neither a preset"):
+        prof.build_specs(str(tmp_path / "nowhere"))
+
+
+def test_worker_entry_point_needs_two_arguments() -> None:
+    """The module the parent starts with ``python -m`` exists and refuses a bad command line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", worker.__name__], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2 and "SPEC_JSON RESULT_PATH" in proc.stderr
+
+
 def test_discard_store_drops_everything() -> None:
-    store = prof.DiscardStore()
+    store = worker.DiscardStore()
     store.put(3, {"x": torch.ones(4)})
     assert 3 in store and store.peek(3) == {}
     assert store.get(3) == {} and 3 not in store
@@ -166,6 +215,7 @@ def test_compare_handles_missing_baselines() -> None:
     [
         (["--offload", "discard", "--precision", "bf16,fp16"], "master weights"),
         (["--offload", "discard", "--optimizer", "adagrad"], "cannot run adagrad"),
+        (["--offload", "discard", "--optimizer", "adafactor"], "cannot run adafactor"),
         (["--offload", "tape"], "offload must be"),
         (["--methods", "lora"], "method must be"),
         (["--units-per-group", "9"], "units_per_group must be between 1 and"),

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 WORDS = [
     "a",
@@ -48,10 +45,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
     "{% if add_generation_prompt %}<s>assistant:{% endif %}"
 )
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: needs the real bundled models (minutes on a CPU)")
 
 
 def make_tokenizer(path: Path | None = None):
@@ -122,6 +115,12 @@ def make_bert(path: Path) -> Path:
     BertModel(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def word_tokenizer():
+    """The word-level tokenizer of the tiny models (see :func:`make_tokenizer`)."""
+    return make_tokenizer()
 
 
 @pytest.fixture(scope="session")

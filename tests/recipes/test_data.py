@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tokenizer
 from hiftune.recipes import data as D
 
 
@@ -96,8 +95,8 @@ def test_holdout_splits_need_three_examples() -> None:
     assert {k: len(v) for k, v in splits.items()} == {"test": 3, "validation": 3, "train": 24}
 
 
-def test_prompt_format_and_label_tokens() -> None:
-    tok = make_tokenizer()
+def test_prompt_format_and_label_tokens(word_tokenizer) -> None:
+    tok = word_tokenizer
     fmt = D.PromptFormat()
     assert fmt.prompt(" a good film ") == "a good film It was"
     ids = fmt.label_token_ids(tok)
@@ -108,16 +107,16 @@ def test_prompt_format_and_label_tokens() -> None:
         D.PromptFormat(template="no placeholder")
 
 
-def test_encode_prompt_cls_truncates_from_the_left() -> None:
-    tok = make_tokenizer()
+def test_encode_prompt_cls_truncates_from_the_left(word_tokenizer) -> None:
+    tok = word_tokenizer
     fmt = D.PromptFormat(template="{text} it was")
     (ex,) = D.encode_prompt_cls([{"text": "a good film " * 10, "label": 1}], tok, fmt, 5)
     assert len(ex["input_ids"]) == 5 and ex["labels"] == 1
     assert tok.decode(ex["input_ids"][-2:]) == "it was"
 
 
-def test_encode_sft_masks_the_prompt() -> None:
-    tok = make_tokenizer()
+def test_encode_sft_masks_the_prompt(word_tokenizer) -> None:
+    tok = word_tokenizer
     (ex,) = D.encode_sft([{"prompt": "a good film", "response": "positive"}], tok, 64)
     kept = [t for t, y in zip(ex["input_ids"], ex["labels"], strict=True) if y != -100]
     assert tok.decode(kept) == "positive </s>"

@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from ..errors import UserError, first_line
 
@@ -24,7 +25,7 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def _module(command: str):  # noqa: ANN202 - a module object
+def _module(command: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{command}")
 
 

@@ -8,36 +8,35 @@ or patched. Each :meth:`HiFTOptimizer.step` then
 2. steps that group's optimizer (on the fp32 masters in mixed precision),
 3. pages the state back out, freezes the group and unfreezes the next one in the queue.
 
-Freezing everything but the active group is what truncates backward: with no trainable parameter
-below the lowest active block, autograd builds no graph there. Forward pre-hooks on the blocks keep
-that true when gradient checkpointing (which makes the embedding output require grad) is on.
+Freezing everything but the active group is what truncates backward (see :mod:`.truncation`).
+The delayed scheduler lives in :mod:`.delay`, the one-optimizer-per-model bookkeeping in
+:mod:`.claims`, the gradient all-reduce in :mod:`.distributed` and the paging in :mod:`.paging`.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import warnings
-import weakref
 from collections import ChainMap
-from collections.abc import Callable, Iterable, Mapping
-from functools import partial
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from .claims import claim_model, release_claim, release_stale_claim
 from .config import HiFTConfig
+from .delay import DelayedLR
+from .distributed import all_reduce_mean, should_sync
+from .inner import ParamGroupsFn, clear_state, fill_state, flatten_state, param_groups
 from .order import group_order
 from .paging import StateStore, make_store
 from .precision import DTYPES, LossScaler
-from .units import EMBED, HEAD, Unit, group_name, group_units, split_units
+from .truncation import BackwardTruncation
+from .units import Unit, group_name, group_units, split_units
 
 logger = logging.getLogger(__name__)
 
 STATE_DICT_VERSION = 1
-
-ParamGroupsFn = Callable[[list[tuple[str, nn.Parameter]]], list[dict[str, Any]]]
 
 
 class HiFTOptimizer(torch.optim.Optimizer):
@@ -74,6 +73,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         group_names: A readable name per group, e.g. ``["embed", "layers.0", ..., "head"]``.
         units: The units of the model, bottom-up.
         cycle: The number of completed cycles (each group updated once per cycle).
+        steps: The number of optimizer steps taken (fp16 steps skipped on overflow not counted).
     """
 
     def __init__(
@@ -95,13 +95,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
             )
         self.config = config if config is not None else HiFTConfig()
         self.model = model
-        _release_stale_claim(model)
+        release_stale_claim(model)
         self.units: list[Unit] = split_units(model, self.config)
+        # The units of each group, bottom-up. Everything per group below is indexed the same way
+        # (by bottom-up group id b); self._order maps training positions to ids.
         bottom_up = group_units(self.units, self.config.units_per_group)
-        self._units: list[tuple[Unit, ...]] = bottom_up
+        self._group_units: list[tuple[Unit, ...]] = bottom_up
         self._order = group_order(len(bottom_up), self.config.order, self.config.seed)
         named = dict(model.named_parameters())
-        # Everything below is indexed by bottom-up group id; self._order maps positions to ids.
         self._names = [[n for u in g for n in u.params] for g in bottom_up]
         self._params = [[named[n] for n in names] for names in self._names]
         self._mixed = self.config.precision != "fp32"
@@ -121,9 +122,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.cycle = 0
         self.steps = 0
 
+        # fp32 master weights per group (empty lists in fp32 training); their data is paged too.
         self._masters: list[list[nn.Parameter]] = []
         self._inner: list[torch.optim.Optimizer] = []
         for b, params in enumerate(self._params):
+            masters: list[nn.Parameter] = []
             if self._mixed:
                 # One group at a time: build its fp32 masters, cast the model weights to half
                 # precision, and page the masters out before the next group, so the device never
@@ -131,13 +134,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 masters = [nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in params]
                 for p in params:
                     p.data = p.data.to(self._dtype)
-                self._masters.append(masters)
-            param_groups = _param_groups(
+            self._masters.append(masters)
+            torch_groups = param_groups(
                 list(zip(self._names[b], params, strict=True)),
-                self._masters[b] if self._mixed else params,
+                masters if self._mixed else params,
                 param_groups_fn,
             )
-            self._inner.append(optimizer_cls(param_groups, **optimizer_kwargs))
+            self._inner.append(optimizer_cls(torch_groups, **optimizer_kwargs))
             self._resident.add(b)
             # Some optimizers (Adagrad) create their state in __init__: page it out right away.
             self._page_out(b)
@@ -150,9 +153,10 @@ class HiFTOptimizer(torch.optim.Optimizer):
         for params in self._params:
             for p in params:
                 p.requires_grad_(False)
-        self._truncation = _BackwardTruncation(model, self.units)
-        self._claim = _Claim(self, [p for params in self._params for p in params])
-        _CLAIMS[model] = self._claim
+        self._truncation = BackwardTruncation(model, self.units)
+        self._claim = claim_model(
+            model, self, self._truncation, [p for params in self._params for p in params]
+        )
         self._activate()
 
     # --- the public surface -----------------------------------------------------------------
@@ -165,7 +169,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
     @property
     def group_names(self) -> list[str]:
         """A readable name per group, in training order."""
-        return [group_name(self._units[b]) for b in self._order]
+        return [group_name(self._group_units[b]) for b in self._order]
 
     @property
     def active_group(self) -> int:
@@ -187,8 +191,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """How many fp16 steps were skipped because of overflowing gradients."""
         return self._scaler.skipped_steps if self._scaler else 0
 
-    @property
-    def state(self) -> Mapping[torch.Tensor, dict[str, Any]]:  # type: ignore[override]
+    # torch declares ``state`` a plain dict attribute; here it is a view over the groups' states.
+    @property  # type: ignore[override]
+    def state(self) -> Mapping[torch.Tensor, dict[str, Any]]:
         """Optimizer state of the groups currently on the device (a read-only view)."""
         return ChainMap(*(inner.state for inner in self._inner))
 
@@ -206,6 +211,17 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def active_parameters(self) -> list[nn.Parameter]:
         """The model parameters of the active group (the only ones with gradients)."""
         return list(self._params[self._order[self._position]])
+
+    def master_parameters(self) -> list[nn.Parameter]:
+        """The tensors the active group's optimizer steps on.
+
+        In mixed precision these are the group's fp32 master weights: after :meth:`unscale_` they
+        hold the unscaled fp32 gradients (for clipping or logging of your own); outside a step
+        their data is paged out to the store (empty tensors). In fp32 training they are the same
+        parameters as :meth:`active_parameters`.
+        """
+        b = self._order[self._position]
+        return list(self._masters[b] if self._mixed else self._params[b])
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Returns ``loss`` times the fp16 loss scale; call ``.backward()`` on the result.
@@ -239,8 +255,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self._grads_ready:
             return
         b = self._order[self._position]
-        if self._distributed():
-            _all_reduce_mean([p for p in self._params[b] if p.requires_grad])
+        if should_sync(self.config.sync_gradients):
+            all_reduce_mean([p for p in self._params[b] if p.requires_grad])
         if self._mixed:
             self._page_in(b)
             inv = 1.0 / self.loss_scale
@@ -254,12 +270,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
                     m.grad.mul_(inv)
         self._grads_ready = True
 
-    def _distributed(self) -> bool:
-        if self.config.sync_gradients is False:
-            return False
-        dist = torch.distributed
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clips the gradient norm of the active group (unscaled, on the fp32 masters if mixed).
 
@@ -267,12 +277,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
             The total norm before clipping.
         """
         self.unscale_()
-        b = self._order[self._position]
-        params = self._masters[b] if self._mixed else self._params[b]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+        return torch.nn.utils.clip_grad_norm_(
+            self.master_parameters(), max_norm, norm_type=norm_type
+        )
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Updates the active group, then activates the next group in the queue.
 
         With gradient accumulation, call this once per optimizer step (not per micro-batch): the
@@ -332,7 +342,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         for b, inner in enumerate(self._inner):
             paged_out = b not in self._resident
             if paged_out:  # fill the optimizer from a CPU copy, only for the duration of the copy
-                self._fill_state(b, self._store.peek(b))
+                fill_state(inner, self._masters[b], self._store.peek(b), self._scalars[b])
             groups.append(
                 {
                     "optimizer": inner.state_dict(),
@@ -342,11 +352,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 }
             )
             if paged_out:
-                self._clear_state(b)
+                clear_state(inner, self._masters[b])
         return {
             "hift": {
                 "version": STATE_DICT_VERSION,
-                "group_names": [group_name(g) for g in self._units],
+                "group_names": [group_name(g) for g in self._group_units],
                 "groups": [list(n) for n in self._names],
                 "order": list(self._order),
                 "position": self._position,
@@ -374,7 +384,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "this checkpoint was saved for a different model or unit split: its groups are "
                 f"{meta['group_names']}, this optimizer's are "
-                f"{[group_name(g) for g in self._units]}"
+                f"{[group_name(g) for g in self._group_units]}"
             )
         if meta["precision"] != self.config.precision:
             raise ValueError(
@@ -382,12 +392,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 f"this optimizer uses {self.config.precision!r}"
             )
         order = [int(i) for i in meta["order"]]
-        if sorted(order) != list(range(len(self._units))):
+        if sorted(order) != list(range(len(self._group_units))):
             raise ValueError(f"corrupt HiFT state dict: order {order} is not a permutation")
         for b, saved in enumerate(state_dict["groups"]):
             self._store.get(b)  # drop what the store holds for this group
-            self._clear_state(b)
             inner = self._inner[b]
+            clear_state(inner, self._masters[b])
             inner.load_state_dict(saved["optimizer"])  # casts state to each parameter's device
             if self._mixed:
                 for m, data in zip(self._masters[b], saved["masters"], strict=True):
@@ -416,9 +426,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         again, so the model can be trained or wrapped again. (With mixed precision the model's
         weights stay in half precision.)
         """
-        self._claim.release()
-        if _CLAIMS.get(self.model) is self._claim:
-            del _CLAIMS[self.model]
+        release_claim(self.model, self._claim)
         self._store.close()
 
     def __repr__(self) -> str:
@@ -436,14 +444,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         # that writes param_groups[i]["lr"] reaches the optimizer that steps group i.
         return [g for b in self._order for g in self._inner[b].param_groups]
 
-    def _step_params(self, b: int) -> list[torch.Tensor]:
-        return [p for g in self._inner[b].param_groups for p in g["params"]]
-
     def _activate(self) -> None:
         b = self._order[self._position]
         for p in self._params[b]:
             p.requires_grad_(True)
-        self._truncation.set_active(self._units[b])
+        self._truncation.set_active(self._group_units[b])
         if self.config.prefetch:
             self._store.prefetch(b)
 
@@ -459,7 +464,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._activate()
 
     def _finish_group(self, b: int) -> None:
-        for p in (*self._params[b], *self._masters[b]) if self._mixed else self._params[b]:
+        for p in (*self._params[b], *self._masters[b]):
             p.grad = None
         self._grads_ready = False
         self._page_out(b)
@@ -467,249 +472,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def _page_out(self, b: int) -> None:
         if b not in self._resident:
             return
-        tensors: dict[str, torch.Tensor] = {}
-        scalars: dict[str, Any] = {}
-        inner = self._inner[b]
-        for i, p in enumerate(self._step_params(b)):
-            for key, value in inner.state.get(p, {}).items():
-                target = tensors if torch.is_tensor(value) else scalars
-                target[f"state.{i}.{key}"] = value
-        if self._mixed:
-            for i, m in enumerate(self._masters[b]):
-                tensors[f"master.{i}"] = m.data
-        self._clear_state(b)
-        self._scalars[b] = scalars
+        tensors, self._scalars[b] = flatten_state(self._inner[b], self._masters[b])
+        clear_state(self._inner[b], self._masters[b])
         self._store.put(b, tensors)
         self._resident.discard(b)
 
     def _page_in(self, b: int) -> None:
         if b in self._resident:
             return
-        self._fill_state(b, self._store.get(b))
+        fill_state(self._inner[b], self._masters[b], self._store.get(b), self._scalars[b])
         self._resident.add(b)
-
-    def _fill_state(self, b: int, tensors: dict[str, torch.Tensor]) -> None:
-        params = self._step_params(b)
-        inner = self._inner[b]
-        for name, value in {**tensors, **self._scalars[b]}.items():
-            kind, rest = name.split(".", 1)
-            if kind == "master":
-                self._masters[b][int(rest)].data = value
-            else:
-                index, key = rest.split(".", 1)
-                inner.state[params[int(index)]][key] = value
-
-    def _clear_state(self, b: int) -> None:
-        self._inner[b].state.clear()
-        for m in self._masters[b] if self._mixed else ():
-            # Keep the Parameter object (the optimizer's state is keyed by it), drop its data.
-            m.data = torch.empty(0, dtype=m.dtype, device=m.device)
-
-
-#: The :class:`_Claim` of each model a HiFTOptimizer drives. Kept beside the model, not on it,
-#: so that pickling or deep-copying a model never meets the weak reference inside.
-_CLAIMS: weakref.WeakKeyDictionary[nn.Module, _Claim] = weakref.WeakKeyDictionary()
-
-
-class _Claim:
-    """What a HiFTOptimizer changed on its model, so it can be undone without the optimizer.
-
-    Holds the optimizer weakly: a model kept alive after its optimizer was dropped (e.g. a
-    notebook cell re-run) must not keep the old optimizer's state alive too.
-    """
-
-    def __init__(self, owner: HiFTOptimizer, params: list[nn.Parameter]) -> None:
-        self.owner = weakref.ref(owner)
-        self.truncation = owner._truncation
-        self.params = params
-        self.released = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.truncation.remove()
-            for p in self.params:
-                p.requires_grad_(True)
-            self.released = True
-
-
-def _release_stale_claim(model: nn.Module) -> None:
-    """Refuses a model another live HiFTOptimizer drives; undoes a dropped, unclosed one."""
-    claim = _CLAIMS.get(model)
-    if claim is None or claim.released:
-        return
-    if claim.owner() is not None:
-        gc.collect()  # a dropped optimizer caught in a reference cycle is freed only by the collector
-    owner = claim.owner()
-    if owner is not None:
-        raise RuntimeError(
-            f"this model is already driven by {owner!r}; call its close() first (that makes the "
-            "parameters it froze trainable again) or start from a fresh model"
-        )
-    # Its optimizer is gone without close(): without this, all but one group would stay frozen
-    # and its backward-truncation hooks would keep cutting the graph.
-    warnings.warn(
-        "the model's previous HiFTOptimizer was dropped without close(); undoing its freezing "
-        "and hooks before wrapping the model again",
-        stacklevel=3,
-    )
-    claim.release()
-    del _CLAIMS[model]
-
-
-def _all_reduce_mean(params: list[nn.Parameter]) -> None:
-    """Averages the gradients of ``params`` over all ranks in one flat all-reduce.
-
-    DDP cannot do this for HiFT: it registers its gradient hooks only for the parameters that
-    require grad when the model is wrapped, and HiFT changes that set every step. A rank without
-    a gradient for a parameter contributes zeros, so every rank joins the same collective.
-    """
-    if not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat.div_(torch.distributed.get_world_size())
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g)
-        offset += n
-
-
-def _param_groups(
-    named: list[tuple[str, nn.Parameter]],
-    step_params: list[nn.Parameter],
-    fn: ParamGroupsFn | None,
-) -> list[dict[str, Any]]:
-    """One HiFT group's torch param groups, over the tensors its optimizer steps on."""
-    if fn is None:
-        return [{"params": list(step_params)}]
-    # In mixed precision the optimizer steps on fp32 masters: map each model parameter to its
-    # master, so the user's function can think in model parameters.
-    to_step = {id(p): s for (_, p), s in zip(named, step_params, strict=True)}
-    groups = []
-    placed = 0
-    for group in fn(named):
-        params = [to_step[id(p)] for p in group["params"]]
-        placed += len(params)
-        if params:
-            groups.append({**group, "params": params})
-    if placed != len(named):
-        raise ValueError(
-            f"param_groups_fn must place each of the {len(named)} parameters it is given exactly "
-            f"once; it placed {placed}"
-        )
-    return groups
-
-
-class DelayedLR:
-    """Advances a learning-rate scheduler once per HiFT cycle instead of once per step.
-
-    Every group is then updated with the same learning rate within a cycle. Call :meth:`step`
-    after every optimizer step, exactly as with the wrapped scheduler; it steps the wrapped
-    scheduler only when a cycle has completed since the last call.
-
-    Args:
-        scheduler: The scheduler to delay (built on ``optimizer``).
-        optimizer: The :class:`HiFTOptimizer` whose cycles drive it.
-    """
-
-    def __init__(self, scheduler: Any, optimizer: HiFTOptimizer) -> None:
-        self.scheduler = scheduler
-        self.optimizer = optimizer
-        self.cycles_seen = optimizer.cycle
-
-    def step(self) -> None:
-        """Steps the wrapped scheduler once for each cycle completed since the last call."""
-        while self.cycles_seen < self.optimizer.cycle:
-            self.scheduler.step()
-            self.cycles_seen += 1
-
-    def get_last_lr(self) -> list[float]:
-        """The learning rates of the last scheduler step, one per param group."""
-        return self.scheduler.get_last_lr()
-
-    @property
-    def last_epoch(self) -> int:
-        """The wrapped scheduler's step count (in cycles)."""
-        return self.scheduler.last_epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapped scheduler's state plus the cycle count it has seen."""
-        return {"scheduler": self.scheduler.state_dict(), "cycles_seen": self.cycles_seen}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restores :meth:`state_dict` output."""
-        self.scheduler.load_state_dict(state_dict["scheduler"])
-        self.cycles_seen = int(state_dict["cycles_seen"])
-
-
-class _BackwardTruncation:
-    """Keeps autograd from building a graph below the lowest active block.
-
-    Freezing is enough on its own until something makes an activation require grad from below:
-    Hugging Face's gradient checkpointing does exactly that (``enable_input_require_grads``) so
-    that reentrant checkpoints see a grad-requiring input. These pre-hooks detach the inputs of
-    every block up to the lowest active one, and, when that block is checkpointed, give it a fresh
-    grad-requiring input so that reentrant checkpointing still computes its weight gradients.
-    """
-
-    def __init__(self, model: nn.Module, units: Iterable[Unit]) -> None:
-        blocks = [u for u in units if u.module is not None]
-        self._index = {u.name: i for i, u in enumerate(blocks)}
-        self._lowest: int | None = None
-        self._handles = []
-        for i, u in enumerate(blocks):
-            block = model.get_submodule(u.module)  # type: ignore[arg-type]
-            self._handles.append(
-                block.register_forward_pre_hook(partial(self._hook, i), with_kwargs=True)
-            )
-            self._handles.append(block.register_forward_hook(self._restore, always_call=True))
-        self._paused: dict[int, bool] = {}
-
-    def set_active(self, units: Iterable[Unit]) -> None:
-        indices = []
-        for u in units:
-            if u.name == EMBED or (u.module is None and u.name != HEAD):
-                self._lowest = None  # training the embedding (or an unknown unit): no cut
-                return
-            if u.name in self._index:
-                indices.append(self._index[u.name])
-        self._lowest = min(indices) if indices else len(self._index)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _hook(
-        self, index: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        lowest = self._lowest
-        if lowest is None or index > lowest or not torch.is_grad_enabled():
-            return None
-        args = tuple(_detached(a) for a in args)
-        kwargs = {k: _detached(v) for k, v in kwargs.items()}
-        if index < lowest and getattr(module, "gradient_checkpointing", False):
-            # A frozen block below the active ones builds no graph, so checkpointing it only
-            # costs time (and a "no input requires grad" warning): pause it for this call.
-            self._paused[id(module)] = module.gradient_checkpointing
-            module.gradient_checkpointing = False
-        if index == lowest and module.training and getattr(module, "gradient_checkpointing", False):
-            if args and torch.is_tensor(args[0]) and args[0].is_floating_point():
-                args = (args[0].detach().requires_grad_(True), *args[1:])
-            elif torch.is_tensor(kwargs.get("hidden_states")):
-                kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
-        return args, kwargs
-
-    def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
-        if id(module) in self._paused:
-            module.gradient_checkpointing = self._paused.pop(id(module))
-
-
-def _detached(value: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.detach() if value.requires_grad else value
-    if isinstance(value, tuple):
-        return tuple(_detached(v) for v in value)
-    return value

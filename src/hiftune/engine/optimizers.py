@@ -65,7 +65,9 @@ OPTIMIZERS: Mapping[str, NamedOptimizer] = MappingProxyType(
 )
 
 
-def resolve_optimizer(name: str, **kwargs: Any) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+def resolve_optimizer(
+    name: str, **kwargs: Any
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """The optimizer class and keyword arguments for a name.
 
     Args:

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import weakref
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -44,6 +44,13 @@ class StateStore(ABC):
 
     def prefetch(self, key: int) -> None:  # noqa: B027 - optional hook
         """Starts bringing ``key`` back in the background (a hint; may do nothing)."""
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Waits until every ``put`` and ``prefetch`` so far has finished its background work.
+
+        Afterwards the stored files or copies are complete and :meth:`resident_bytes` no longer
+        counts writes in flight. Stores that do nothing in the background need not override it.
+        """
 
     @abstractmethod
     def peek(self, key: int) -> Tensors:
@@ -169,6 +176,13 @@ class HostStore(StateStore):
             event.synchronize()
         return dict(host)
 
+    def flush(self) -> None:
+        for _, _, event in self._host.values():
+            if event is not None:
+                event.synchronize()
+        for _, event in self._ready.values():
+            event.synchronize()
+
     def __contains__(self, key: int) -> bool:
         return key in self._host or key in self._ready
 
@@ -191,7 +205,7 @@ class DiskStore(StateStore):
 
     Args:
         directory: Where to write. ``None`` creates a temporary directory, removed on close.
-        write_behind: Return from :meth:`put` before the file is written.
+        write_behind: Return from :meth:`put` before the file is written (:meth:`flush` waits).
     """
 
     def __init__(
@@ -222,7 +236,10 @@ class DiskStore(StateStore):
         host = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         self._reads.pop(key, None)
         self._devices[key] = {k: v.device for k, v in tensors.items()}
-        self._writes[key] = (self._pool.submit(_atomic_save, host, self.path(key)), tensor_bytes(host))
+        self._writes[key] = (
+            self._pool.submit(_atomic_save, host, self.path(key)),
+            tensor_bytes(host),
+        )
         del host  # the write thread holds the only reference now, and drops it when done
         if not self.write_behind:
             self._wait_write(key)
@@ -245,6 +262,15 @@ class DiskStore(StateStore):
             return {}
         self._wait_write(key)
         return _load(self.path(key))
+
+    def flush(self) -> None:
+        """Waits for every pending write (re-raising a failed one) and prefetch read.
+
+        A failed read is not raised here but by the :meth:`get` that wants its tensors.
+        """
+        for key in list(self._writes):
+            self._wait_write(key)
+        wait(self._reads.values())
 
     def __contains__(self, key: int) -> bool:
         return key in self._devices
@@ -279,7 +305,7 @@ def _atomic_save(tensors: Tensors, path: Path) -> None:
     try:
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports its own I/O errors as the latter
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"hiftune could not write optimizer state to {path}: {e}") from e
 

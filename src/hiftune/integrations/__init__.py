@@ -1,0 +1,1 @@
+"""Integrations: HiFT inside the Hugging Face ``Trainer`` and TRL, through their extension points."""

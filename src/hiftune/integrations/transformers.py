@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -38,7 +38,15 @@ def unwrap_hift(optimizer: Any) -> HiFTOptimizer | None:
     return optimizer
 
 
-class HiFTTrainerMixin:
+if TYPE_CHECKING:
+    # For the type checker the mixin is a Trainer (it is only ever mixed into one); at run time
+    # it must stay a plain class so that it can go first in any Trainer subclass's bases.
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class HiFTTrainerMixin(_TrainerBase):
     """Makes a ``transformers.Trainer`` subclass train with HiFT.
 
     Mix it in *before* the trainer class: ``class MyTrainer(HiFTTrainerMixin, SFTTrainer)``.
@@ -63,10 +71,16 @@ class HiFTTrainerMixin:
         if self.optimizer is not None:
             return self.optimizer
         model = self.model if model is None else model
+        if model is None:
+            raise RuntimeError("HiFTTrainer needs a model to build its optimizer")
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            # Any nn.Module, as the Trainer's own create_optimizer passes it.
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(
+                self.args,
+                model,  # type: ignore[arg-type]
+            )
         optimizer_kwargs = dict(optimizer_kwargs)
         unsupported = {"params", "model", "optimizer_dict"} & optimizer_kwargs.keys()
         if unsupported:
@@ -104,9 +118,14 @@ class HiFTTrainerMixin:
                 optimizer=hift,
                 num_warmup_steps=warmup,
                 num_training_steps=cycles,
-                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
+                # TrainingArguments parses a JSON string into a dict on construction.
+                scheduler_specific_kwargs=cast(
+                    "dict[str, Any] | None", self.args.lr_scheduler_kwargs
+                ),
             )
-            self.lr_scheduler = hift.delay(scheduler)
+            # Not an LRScheduler, but it has all the Trainer calls: step, get_last_lr and the
+            # state_dict pair.
+            self.lr_scheduler = hift.delay(scheduler)  # type: ignore[assignment]
         return self.lr_scheduler
 
 

@@ -6,11 +6,15 @@ The memory tools never need weights: ``estimate`` builds the model on the ``meta
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import UserError
 
 #: Preset name -> ``transformers.AutoConfig.for_model`` arguments (public architecture facts).
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -69,14 +73,34 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
+#: The heads a model can be built with: a causal language-model head, or a sequence
+#: classification head with ``num_labels`` classes.
 HEADS = ("causal-lm", "seq-cls")
+
+#: Task name -> head. The head names themselves, and ``hiftune train``'s task names, so that one
+#: name means one model everywhere: ``prompt-cls`` (a label word after a prompt) and ``sft``
+#: (prompt/response pairs) train a causal LM with its LM head; ``seq-cls`` a classification head.
+TASK_HEADS: Mapping[str, str] = MappingProxyType(
+    {"causal-lm": "causal-lm", "prompt-cls": "causal-lm", "sft": "causal-lm", "seq-cls": "seq-cls"}
+)
+
+
+def head_of(task: str) -> str:
+    """The head (one of :data:`HEADS`) that ``task`` trains.
+
+    Raises:
+        UserError: If ``task`` is not a key of :data:`TASK_HEADS`.
+    """
+    if task not in TASK_HEADS:
+        raise UserError(f"task must be one of {', '.join(TASK_HEADS)}; got {task!r}")
+    return TASK_HEADS[task]
 
 
 def resolve_config(model: str) -> Any:
     """A ``transformers`` config from a preset name, a ``config.json`` file, or a model directory.
 
     Raises:
-        ValueError: If ``model`` is neither a preset nor an existing config file or directory.
+        UserError: If ``model`` is neither a preset nor a readable config file or directory.
     """
     from transformers import AutoConfig
 
@@ -87,14 +111,14 @@ def resolve_config(model: str) -> Any:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(
+        raise UserError(
             f"{model!r} is neither a preset ({', '.join(CONFIGS)}) nor a config.json file or a "
             "directory holding one"
         )
     try:
         return AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read a Hugging Face config from {path}: {e}") from None
+        raise UserError(f"cannot read a Hugging Face config from {path}: {e}") from None
 
 
 def build_model(
@@ -106,18 +130,25 @@ def build_model(
 ) -> nn.Module:
     """Builds a randomly initialised model for ``task`` on ``device`` (``"meta"``: no memory).
 
+    Args:
+        config: A ``transformers`` config (e.g. from :func:`resolve_config`).
+        task: A key of :data:`TASK_HEADS`: a head name or one of ``hiftune train``'s tasks.
+        num_labels: Classes of a ``seq-cls`` head.
+        device: Where to build; ``"meta"`` gives shapes without storage.
+        dtype: The parameters' dtype.
+
     Raises:
-        ValueError: For an unknown task, or an architecture that cannot do it.
+        UserError: For an unknown task, or an architecture that has no model class for its head.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if task not in HEADS:
-        raise ValueError(f"task must be one of {', '.join(HEADS)}; got {task!r}")
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    if task == "seq-cls":
+    head = head_of(task)
+    auto = AutoModelForCausalLM if head == "causal-lm" else AutoModelForSequenceClassification
+    if head == "seq-cls":
         config.num_labels = num_labels
     try:
         with torch.device(device):
             return auto.from_config(config, dtype=dtype)
     except ValueError as e:
-        raise ValueError(f"a {config.model_type} model cannot do {task}: {e}") from None
+        what = task if task == head else f"{task} (a {head} head)"
+        raise UserError(f"a {config.model_type} model cannot do {what}: {e}") from None

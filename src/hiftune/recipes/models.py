@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
@@ -185,14 +187,16 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
         return out_dir
     if importlib.util.find_spec("gguf") is None:
         raise ModelError("reading a GGUF model needs the gguf package: pip install gguf")
-    import torch
+    # transformers' model classes take seconds to import; `hiftune train --help` reads the
+    # presets from this module and should not pay for them (the same holds below).
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s to an fp32 Hugging Face checkpoint in %s (once)", gguf_file, out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        kwargs: dict[str, Any] = {"gguf_file": gguf_file.name}
+        # A local file: never ask the Hub (which may be unreachable) for anything.
+        kwargs: dict[str, Any] = {"gguf_file": gguf_file.name, "local_files_only": True}
         try:
             quantized = AutoModelForCausalLM.from_pretrained(
                 gguf_file.parent, dtype=torch.float32, **kwargs
@@ -252,7 +256,6 @@ def load_model_and_tokenizer(
         ModelError: If the model cannot do ``task`` (no architecture for it, or no trained LM head
             for a causal task), or its tokenizer cannot be loaded.
     """
-    import torch
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -263,12 +266,15 @@ def load_model_and_tokenizer(
     name = name or str(path)
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    # ``path`` is a local directory (a preset's files or the user's): never ask the Hub, which
+    # may be unreachable, so that loading works offline without changing the environment.
+    local = {"local_files_only": True}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **local)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"cannot load the tokenizer of {name}: {first_line(e)}") from e
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **local)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot read the config of {name}: {first_line(e)}") from e
 
@@ -291,7 +297,7 @@ def load_model_and_tokenizer(
         extra = {"num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id}
     try:
         model, info = auto.from_pretrained(
-            path, dtype=torch.float32, output_loading_info=True, **extra
+            path, dtype=torch.float32, output_loading_info=True, **local, **extra
         )
     except ValueError as e:  # "Unrecognized configuration class ..." for an unsupported task
         raise ModelError(f"{name} cannot do --task {task}: {first_line(e)}") from e

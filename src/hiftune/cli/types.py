@@ -1,0 +1,32 @@
+"""Argument types shared by the sub-commands (argparse ``type=`` callables)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def comma_list(choices: Sequence[str] | None = None) -> Callable[[str], list[str]]:
+    """A comma-separated list, each item one of ``choices`` (any item if ``None``)."""
+
+    def parse(text: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        for s in items:
+            if choices is not None and s not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"invalid choice {s!r} (choose from {', '.join(choices)})"
+                )
+        return items
+
+    return parse

@@ -1,0 +1,101 @@
+"""One HiFTOptimizer per model at a time: what an optimizer changed on its model, and undoing it.
+
+A HiFTOptimizer freezes all groups but one and hooks the model's blocks. Two live optimizers on one
+model would fight over ``requires_grad``; an optimizer dropped without ``close()`` (a notebook cell
+re-run, say) would leave its freezing and hooks behind. The registry here remembers, per model,
+a :class:`Claim` that can undo those changes without the optimizer that made them.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+from torch import nn
+
+from .truncation import BackwardTruncation
+
+#: The :class:`Claim` of each model a HiFTOptimizer drives. Kept beside the model, not on it,
+#: so that pickling or deep-copying a model never meets the weak reference inside.
+_CLAIMS: weakref.WeakKeyDictionary[nn.Module, Claim] = weakref.WeakKeyDictionary()
+
+
+class Claim:
+    """What a HiFTOptimizer changed on its model, so it can be undone without the optimizer.
+
+    Holds the optimizer weakly: a model kept alive after its optimizer was dropped must not keep
+    the old optimizer's state alive too.
+
+    Args:
+        owner: The optimizer driving the model (held weakly; its ``repr`` names it in errors).
+        truncation: The backward-truncation hooks it registered on the model.
+        params: The parameters it froze and unfreezes one group at a time.
+    """
+
+    def __init__(
+        self, owner: object, truncation: BackwardTruncation, params: list[nn.Parameter]
+    ) -> None:
+        self.owner = weakref.ref(owner)
+        self.truncation = truncation
+        self.params = params
+        self.released = False
+
+    def release(self) -> None:
+        """Removes the hooks and makes the parameters trainable again (once)."""
+        if not self.released:
+            self.truncation.remove()
+            for p in self.params:
+                p.requires_grad_(True)
+            self.released = True
+
+
+def claim_model(
+    model: nn.Module, owner: object, truncation: BackwardTruncation, params: list[nn.Parameter]
+) -> Claim:
+    """Records that ``owner`` now drives ``model`` (after :func:`release_stale_claim` let it).
+
+    Returns:
+        The new :class:`Claim`, for :func:`release_claim` when the owner closes.
+    """
+    claim = Claim(owner, truncation, params)
+    _CLAIMS[model] = claim
+    return claim
+
+
+def release_claim(model: nn.Module, claim: Claim) -> None:
+    """Undoes ``claim`` and forgets it, unless another claim has replaced it since."""
+    claim.release()
+    if _CLAIMS.get(model) is claim:
+        del _CLAIMS[model]
+
+
+def release_stale_claim(model: nn.Module) -> None:
+    """Refuses a model another live HiFTOptimizer drives; undoes a dropped, unclosed one.
+
+    Call it straight from the optimizer's ``__init__``: the warning points two frames up, at the
+    user's line that builds the optimizer.
+
+    Raises:
+        RuntimeError: If a live optimizer still drives ``model``.
+    """
+    claim = _CLAIMS.get(model)
+    if claim is None or claim.released:
+        return
+    if claim.owner() is not None:
+        gc.collect()  # a dropped optimizer caught in a reference cycle is freed only by the collector
+    owner = claim.owner()
+    if owner is not None:
+        raise RuntimeError(
+            f"this model is already driven by {owner!r}; call its close() first (that makes the "
+            "parameters it froze trainable again) or start from a fresh model"
+        )
+    # Its optimizer is gone without close(): without this, all but one group would stay frozen
+    # and its backward-truncation hooks would keep cutting the graph.
+    warnings.warn(
+        "the model's previous HiFTOptimizer was dropped without close(); undoing its freezing "
+        "and hooks before wrapping the model again",
+        stacklevel=3,
+    )
+    claim.release()
+    del _CLAIMS[model]

@@ -1,0 +1,100 @@
+"""Backward truncation: no autograd graph below the lowest block HiFT trains.
+
+Freezing every group but the active one is what truncates backward: with no trainable parameter
+below the lowest active block, autograd builds no graph there. Freezing alone stops working as soon
+as something makes an activation require grad from below; Hugging Face's gradient checkpointing does
+exactly that (``enable_input_require_grads``), so that reentrant checkpoints see a grad-requiring
+input. :class:`BackwardTruncation` keeps the cut in place with forward hooks on the blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .units import EMBED, HEAD, Unit
+
+#: The flag Hugging Face blocks carry when gradient checkpointing is on. Read and written by name:
+#: it is a plain attribute of some modules, not part of ``nn.Module``.
+_CHECKPOINTING = "gradient_checkpointing"
+
+
+class BackwardTruncation:
+    """Keeps autograd from building a graph below the lowest active block.
+
+    Pre-hooks detach the inputs of every block up to the lowest active one, and, when that block
+    is checkpointed, give it a fresh grad-requiring input so that reentrant checkpointing still
+    computes its weight gradients. Frozen blocks below it run with checkpointing paused.
+
+    Args:
+        model: The model whose blocks get the hooks.
+        units: The model's units, bottom-up; those with a ``module`` are its blocks.
+    """
+
+    def __init__(self, model: nn.Module, units: Iterable[Unit]) -> None:
+        blocks = [(u.name, u.module) for u in units if u.module is not None]
+        self._index = {name: i for i, (name, _) in enumerate(blocks)}
+        self._lowest: int | None = None
+        self._handles: list[RemovableHandle] = []
+        for i, (_, path) in enumerate(blocks):
+            block = model.get_submodule(path)
+            self._handles.append(
+                block.register_forward_pre_hook(partial(self._hook, i), with_kwargs=True)
+            )
+            self._handles.append(block.register_forward_hook(self._restore, always_call=True))
+        self._paused: dict[int, Any] = {}  # id(block) -> its checkpointing flag
+
+    def set_active(self, units: Iterable[Unit]) -> None:
+        """Moves the cut to just below the lowest block among ``units`` (the active group)."""
+        indices = []
+        for u in units:
+            if u.name == EMBED or (u.module is None and u.name != HEAD):
+                self._lowest = None  # training the embedding (or an unknown unit): no cut
+                return
+            if u.name in self._index:
+                indices.append(self._index[u.name])
+        self._lowest = min(indices) if indices else len(self._index)
+
+    def remove(self) -> None:
+        """Removes every hook; the model runs as if HiFT had never touched it."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(
+        self, index: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        lowest = self._lowest
+        if lowest is None or index > lowest or not torch.is_grad_enabled():
+            return None
+        args = tuple(_detached(a) for a in args)
+        kwargs = {k: _detached(v) for k, v in kwargs.items()}
+        checkpointing = getattr(module, _CHECKPOINTING, False)
+        if index < lowest and checkpointing:
+            # A frozen block below the active ones builds no graph, so checkpointing it only
+            # costs time (and a "no input requires grad" warning): pause it for this call.
+            self._paused[id(module)] = checkpointing
+            setattr(module, _CHECKPOINTING, False)
+        if index == lowest and module.training and checkpointing:
+            if args and torch.is_tensor(args[0]) and args[0].is_floating_point():
+                args = (args[0].detach().requires_grad_(True), *args[1:])
+            elif torch.is_tensor(kwargs.get("hidden_states")):
+                kwargs["hidden_states"] = kwargs["hidden_states"].detach().requires_grad_(True)
+        return args, kwargs
+
+    def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
+        if id(module) in self._paused:
+            setattr(module, _CHECKPOINTING, self._paused.pop(id(module)))
+
+
+def _detached(value: Any) -> Any:
+    if torch.is_tensor(value):
+        return value.detach() if value.requires_grad else value
+    if isinstance(value, tuple):
+        return tuple(_detached(v) for v in value)
+    return value

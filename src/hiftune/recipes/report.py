@@ -1,0 +1,136 @@
+"""What a finished training run leaves behind: ``report.json``, ``report.md`` and two plots.
+
+``report.json`` holds the metrics before and after training, the run's size and time, its peak
+memory, the full configuration and one record per optimizer step; ``report.md`` summarises it
+with a table; ``loss.png`` and ``memory.png`` plot the per-step loss and peak memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..engine.optimizer import HiFTOptimizer
+from ..memory.render import markdown_table, plot_lines, write_json
+from .config import TrainRecipeConfig
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """``accuracy 0.8580, loss 0.3412``: the metrics a run reports, on one line."""
+    keys = [k for k in ("accuracy", "loss") if k in metrics]
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) or "n/a"
+
+
+def write_report(
+    out_dir: Path,
+    cfg: TrainRecipeConfig,
+    *,
+    meta: Mapping[str, Any],
+    final: Mapping[str, float],
+    steps: Sequence[Mapping[str, Any]],
+    hift: HiFTOptimizer | None,
+    epochs: float,
+    global_step: int,
+    train_loss: float,
+    train_seconds: float,
+    total_seconds: float,
+    peak_memory_mib: float,
+    memory_kind: str,
+    n_train: int,
+    n_eval: int,
+) -> dict[str, Any]:
+    """Writes the report files of a finished run into ``out_dir``; returns ``report.json``'s data.
+
+    Args:
+        out_dir: The run's output directory.
+        cfg: The run's configuration.
+        meta: The run file's content, with ``zero_shot`` and ``also_eval`` metrics if measured.
+        final: Metrics of the fine-tuned model on the evaluation split.
+        steps: Per-step records (see :attr:`hiftune.recipes.callbacks.Progress.steps`).
+        hift: The run's HiFT optimizer (``None`` for ``fpft``), for its groups and cycles.
+        epochs: Epochs trained.
+        global_step: Optimizer steps trained.
+        train_loss: The Trainer's mean training loss.
+        train_seconds: Time in ``Trainer.train``.
+        total_seconds: Time of the whole run.
+        peak_memory_mib: The run's peak memory.
+        memory_kind: What was measured (``"CUDA allocated"`` or ``"resident set"``).
+        n_train: Training examples.
+        n_eval: Evaluation examples.
+    """
+    report: dict[str, Any] = {
+        "model": cfg.model,
+        "task": cfg.task,
+        "method": cfg.method,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "data": cfg.data or "bundled movie-review sentiment",
+        "train_examples": n_train,
+        "eval_split": cfg.eval_split,
+        "eval_examples": n_eval,
+        "epochs": round(float(epochs or 0), 3),
+        "steps": int(global_step),
+        "hift_groups": hift.num_groups if hift else None,
+        "hift_cycles": hift.cycle if hift else None,
+        "zero_shot": meta.get("zero_shot"),
+        "final": dict(final),
+        "also_eval": meta.get("also_eval"),
+        "train_loss": float(train_loss),
+        "train_seconds": round(train_seconds, 1),
+        "total_seconds": round(total_seconds, 1),
+        "peak_memory_mib": round(peak_memory_mib, 1),
+        "output_dir": str(out_dir),
+        "config": cfg.to_dict(),
+        "per_step": [dict(s) for s in steps],
+    }
+    write_json(out_dir / "report.json", report)
+    if steps:
+        _plot(out_dir, cfg, steps, memory_kind)
+    (out_dir / "report.md").write_text(_summary(cfg, report, hift is not None))
+    return report
+
+
+def _plot(
+    out_dir: Path, cfg: TrainRecipeConfig, steps: Sequence[Mapping[str, Any]], memory_kind: str
+) -> None:
+    xs = [s["step"] for s in steps]
+    plot_lines(
+        out_dir / "loss.png",
+        {"training loss": [s["loss"] for s in steps]},
+        x={"training loss": xs},
+        title=f"{cfg.model} {cfg.task}, {cfg.method}",
+        xlabel="optimizer step",
+        ylabel="loss",
+    )
+    plot_lines(
+        out_dir / "memory.png",
+        {"peak memory in step": [s["memory_mib"] for s in steps]},
+        x={"peak memory in step": xs},
+        title=f"Memory per step ({memory_kind})",
+        xlabel="optimizer step",
+        ylabel="MiB",
+    )
+
+
+def _summary(cfg: TrainRecipeConfig, report: Mapping[str, Any], hift: bool) -> str:
+    rows = []
+    for name, m in (("zero-shot", report["zero_shot"] or {}), ("fine-tuned", report["final"])):
+        rows.append({"": name, **{k: m[k] for k in ("accuracy", "loss") if k in m}})
+    cycles = f" ({report['hift_cycles']} cycles of {report['hift_groups']} groups)" if hift else ""
+    lines = [
+        f"# hiftune train: {cfg.model}, {cfg.task}, {cfg.method}",
+        "",
+        markdown_table(rows),
+        f"- evaluated on {report['eval_examples']} examples of the {cfg.eval_split} split; "
+        f"trained on {report['train_examples']} examples for {report['epochs']} epochs = "
+        f"{report['steps']} steps{cycles}",
+        f"- optimizer {cfg.optimizer}, lr {cfg.lr}, batch {cfg.batch_size} x {cfg.grad_accum}, "
+        f"seed {cfg.seed}",
+        f"- training time {report['train_seconds']:.0f} s, total {report['total_seconds']:.0f} s, "
+        f"peak memory {report['peak_memory_mib']:.0f} MiB",
+        "",
+        "![loss](loss.png) ![memory](memory.png)",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""The recipe's configuration: validation, config files, layering of sources, resume lookup."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hiftune.errors import UserError
+from hiftune.recipes.config import (
+    RUN_CONFIG,
+    TrainRecipeConfig,
+    build_config,
+    find_checkpoint,
+    read_config_file,
+)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="method must be one of"):
+        TrainRecipeConfig(method="lora")
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        TrainRecipeConfig(batch_size=0)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        TrainRecipeConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="fp16"):
+        TrainRecipeConfig(method="fpft", precision="fp16")
+    assert TrainRecipeConfig(label_words="bad, good").label_words == ["bad", "good"]
+
+
+def test_bad_values_are_user_errors() -> None:
+    # The CLI turns exactly these into one line and exit code 2; Python callers catch them too.
+    with pytest.raises(UserError, match="optimizer must be one of adamw, sgd"):
+        TrainRecipeConfig(optimizer="lion")
+    with pytest.raises(UserError, match="unknown option 'learning_rate'"):
+        build_config({"learning_rate": 0.1})
+
+
+def test_file_then_explicit_values(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("units-per-group: 2\nlr: 0.5\n")
+    cfg = build_config({"config": str(path), "lr": 0.01})
+    assert (cfg.units_per_group, cfg.lr, cfg.config) == (2, 0.01, str(path))
+    assert read_config_file(path) == {"units_per_group": 2, "lr": 0.5}
+    as_json = tmp_path / "run.json"
+    as_json.write_text(json.dumps({"seed": 3}))
+    assert build_config({"config": str(as_json)}).seed == 3
+    as_json.write_text("[1, 2]")
+    with pytest.raises(UserError, match="must hold a mapping"):
+        build_config({"config": str(as_json)})
+
+
+def test_resume_takes_the_saved_run_as_base(tmp_path: Path) -> None:
+    for step in (2, 10):  # the latest checkpoint by number, not by name
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    saved = TrainRecipeConfig(lr=0.3, max_steps=6, resume="old", config="old.yaml").to_dict()
+    (tmp_path / RUN_CONFIG).write_text(json.dumps({"config": saved}))
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    cfg = build_config({"resume": str(tmp_path), "max_steps": 9})
+    assert (cfg.lr, cfg.max_steps, cfg.resume, cfg.config) == (0.3, 9, str(tmp_path), None)
