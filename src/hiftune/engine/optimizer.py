@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 from collections import ChainMap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import precision
+from .checkpoint import STATE_DICT_VERSION, Layout, class_name, validate_state_dict
 from .claims import claim_model, release_claim, release_stale_claim
 from .config import HiFTConfig
 from .delay import DelayedLR
@@ -36,7 +38,7 @@ from .units import Unit, group_name, group_units, split_units
 
 logger = logging.getLogger(__name__)
 
-STATE_DICT_VERSION = 1
+__all__ = ["STATE_DICT_VERSION", "HiFTOptimizer"]
 
 
 class HiFTOptimizer(torch.optim.Optimizer):
@@ -121,19 +123,20 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._position = 0
         self.cycle = 0
         self.steps = 0
+        # Why the optimizer cannot step any more (an fp16 divergence), until a checkpoint loads.
+        self._failure: str | None = None
+        self._closed = False
+        # Each parameter mixed precision cast, with its dtype before, for close() to restore.
+        self._cast: list[tuple[nn.Parameter, torch.dtype]] = []
 
         # fp32 master weights per group (empty lists in fp32 training); their data is paged too.
         self._masters: list[list[nn.Parameter]] = []
         self._inner: list[torch.optim.Optimizer] = []
         for b, params in enumerate(self._params):
-            masters: list[nn.Parameter] = []
-            if self._mixed:
-                # One group at a time: build its fp32 masters, cast the model weights to half
-                # precision, and page the masters out before the next group, so the device never
-                # holds more than one group's masters.
-                masters = [nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in params]
-                for p in params:
-                    p.data = p.data.to(self._dtype)
+            # One group at a time: build its fp32 masters, cast the model weights to half
+            # precision, and page the masters out before the next group, so the device never
+            # holds more than one group's masters.
+            masters = precision.make_masters(params, self._dtype, self._cast) if self._mixed else []
             self._masters.append(masters)
             torch_groups = param_groups(
                 list(zip(self._names[b], params, strict=True)),
@@ -144,12 +147,19 @@ class HiFTOptimizer(torch.optim.Optimizer):
             self._resident.add(b)
             # Some optimizers (Adagrad) create their state in __init__: page it out right away.
             self._page_out(b)
-        if self._mixed:
-            for p in model.parameters():  # frozen weights too, so every matmul sees one dtype
-                if p.is_floating_point() and p.dtype != self._dtype:
-                    p.data = p.data.to(self._dtype)
+        if self._mixed:  # frozen weights too, so every matmul sees one dtype
+            precision.cast_to(model.parameters(), self._dtype, self._cast)
 
         super().__init__(self._collect_param_groups(), dict(self._inner[0].defaults))
+        # What a checkpoint must match to load (recorded in state_dict() too).
+        self._layout = Layout(
+            names=self._names,
+            group_names=[group_name(g) for g in bottom_up],
+            shapes=[[list(p.shape) for p in params] for params in self._params],
+            param_group_sizes=[[len(g["params"]) for g in i.param_groups] for i in self._inner],
+            optimizer_class=class_name(self._inner[0]),
+            precision=self.config.precision,
+        )
         for params in self._params:
             for p in params:
                 p.requires_grad_(False)
@@ -259,15 +269,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             all_reduce_mean([p for p in self._params[b] if p.requires_grad])
         if self._mixed:
             self._page_in(b)
-            inv = 1.0 / self.loss_scale
-            for p, m in zip(self._params[b], self._masters[b], strict=True):
-                if p.grad is None:
-                    m.grad = None
-                    continue
-                m.grad = p.grad.detach().to(torch.float32)
-                p.grad = None  # the half-precision gradient is no longer needed
-                if inv != 1.0:
-                    m.grad.mul_(inv)
+            precision.grads_to_masters(self._params[b], self._masters[b], self.loss_scale)
         self._grads_ready = True
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -289,12 +291,23 @@ class HiFTOptimizer(torch.optim.Optimizer):
         group switches only here. With ``precision="fp16"`` a step whose gradients overflow is
         skipped and the same group stays active for the next try.
 
+        If paging the group's state out afterwards fails (a full disk, say), the error is raised
+        but nothing is lost: the step counts, the next group becomes active, and the state stays
+        in memory until a later step pages it out.
+
         Args:
             closure: Optional closure that re-evaluates the model and returns the loss.
 
         Returns:
             What ``closure`` returned, if given.
+
+        Raises:
+            FloatingPointError: With ``precision="fp16"``, if the step left fp32 master weights
+                that fp16 cannot hold (beyond +-65504, or inf/nan): training diverged. The model
+                keeps its last weights, and this optimizer refuses to step or save until a
+                :meth:`load_state_dict` restores a checkpoint.
         """
+        self._check_usable()
         b = self._order[self._position]
         loss = None
         if self._mixed and closure is not None:
@@ -313,11 +326,23 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 return loss
         result = self._inner[b].step(closure) if closure is not None else self._inner[b].step()
         loss = result if loss is None else loss
+        if self._scaler is not None:
+            # An fp16 weight of inf would overflow every later step: they would all be skipped.
+            self._failure = precision.check_half_range(
+                self._masters[b], self._dtype, group_name(self._group_units[b])
+            )
+            if self._failure is not None:
+                for p in (*self._params[b], *self._masters[b]):
+                    p.grad = None
+                self._grads_ready = False
+                raise FloatingPointError(self._failure)
         if self._mixed:
             for p, m in zip(self._params[b], self._masters[b], strict=True):
                 p.data.copy_(m.data)
-        self._finish_group(b)
-        self._advance()
+        try:
+            self._finish_group(b)
+        finally:
+            self._advance()  # the update is done even if paging its state out failed
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -337,7 +362,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
         Paged-out state is read back to CPU for the copy. The result holds only tensors and plain
         Python values, so ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it.
+
+        Raises:
+            RuntimeError: After an fp16 divergence (see :meth:`step`): its state is not worth
+                saving.
         """
+        self._check_usable()
         groups = []
         for b, inner in enumerate(self._inner):
             paged_out = b not in self._resident
@@ -355,14 +385,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 clear_state(inner, self._masters[b])
         return {
             "hift": {
-                "version": STATE_DICT_VERSION,
-                "group_names": [group_name(g) for g in self._group_units],
-                "groups": [list(n) for n in self._names],
+                **self._layout.to_meta(),
                 "order": list(self._order),
                 "position": self._position,
                 "cycle": self.cycle,
                 "steps": self.steps,
-                "precision": self.config.precision,
                 "scaler": self._scaler.state_dict() if self._scaler else None,
             },
             "groups": groups,
@@ -371,29 +398,18 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` output into an optimizer built on an identical model.
 
+        The whole dict is checked before anything changes, so a mismatch leaves this optimizer as
+        it was. Loading also makes an optimizer usable again after an fp16 divergence.
+
         Raises:
-            ValueError: If the checkpoint was saved for a different model, unit split or
-                precision.
+            ValueError: If the checkpoint was saved for a different model, unit split, parameter
+                shape, optimizer class or precision, or is damaged (a queue position or group
+                order that does not fit, a group entry of the wrong form).
         """
-        if not isinstance(state_dict, Mapping) or "hift" not in state_dict:
-            raise ValueError("not a HiFTOptimizer state dict (no 'hift' entry)")
-        meta = state_dict["hift"]
-        if meta.get("version") != STATE_DICT_VERSION:
-            raise ValueError(f"unsupported HiFT state dict version {meta.get('version')!r}")
-        if [list(n) for n in meta["groups"]] != self._names:
-            raise ValueError(
-                "this checkpoint was saved for a different model or unit split: its groups are "
-                f"{meta['group_names']}, this optimizer's are "
-                f"{[group_name(g) for g in self._group_units]}"
-            )
-        if meta["precision"] != self.config.precision:
-            raise ValueError(
-                f"this checkpoint was saved with precision={meta['precision']!r}, "
-                f"this optimizer uses {self.config.precision!r}"
-            )
+        if self._closed:
+            raise RuntimeError("this HiFTOptimizer is closed; build a new one to load a checkpoint")
+        meta = validate_state_dict(state_dict, self._layout)
         order = [int(i) for i in meta["order"]]
-        if sorted(order) != list(range(len(self._group_units))):
-            raise ValueError(f"corrupt HiFT state dict: order {order} is not a permutation")
         for b, saved in enumerate(state_dict["groups"]):
             self._store.get(b)  # drop what the store holds for this group
             inner = self._inner[b]
@@ -414,20 +430,31 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._position = int(meta["position"])
         self.cycle = int(meta["cycle"])
         self.steps = int(meta["steps"])
-        if self._scaler is not None and meta["scaler"] is not None:
+        if self._scaler is not None and meta.get("scaler") is not None:
             self._scaler.load_state_dict(meta["scaler"])
         self._grads_ready = False
+        self._failure = None
         self._activate()
 
     def close(self) -> None:
         """Hands the model back and frees the paging files; the optimizer is done afterwards.
 
         Removes the backward-truncation hooks and makes every parameter HiFT froze trainable
-        again, so the model can be trained or wrapped again. (With mixed precision the model's
-        weights stay in half precision.)
+        again, so the model can be trained or wrapped again. With mixed precision the model's
+        parameters get their dtypes back: the trained ones take their fp32 master weights (more
+        precise than the half-precision weights trained with), the ones HiFT never trained are
+        cast back (their values rounded to half precision once). So a model wrapped again with
+        ``precision="fp32"`` trains fp32 weights. Calling ``close()`` again does nothing.
         """
-        release_claim(self.model, self._claim)
-        self._store.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._mixed:
+                precision.restore_weights(self._cast, self._trained_masters())
+        finally:
+            release_claim(self.model, self._claim)
+            self._store.close()
 
     def __repr__(self) -> str:
         inner = type(self._inner[0]).__name__
@@ -468,14 +495,52 @@ class HiFTOptimizer(torch.optim.Optimizer):
             p.grad = None
         self._grads_ready = False
         self._page_out(b)
+        # Groups whose page-out failed before stayed resident: try them again now.
+        for other in sorted(self._resident - {b}):
+            self._page_out(other)
 
     def _page_out(self, b: int) -> None:
         if b not in self._resident:
             return
-        tensors, self._scalars[b] = flatten_state(self._inner[b], self._masters[b])
+        tensors, scalars = flatten_state(self._inner[b], self._masters[b])
+        try:
+            self._store.put(b, tensors)
+        except BaseException:
+            # Cleared only once the store holds it: a failed write (a full disk) loses nothing,
+            # the group stays resident and a later page-out, state_dict() or step still sees it.
+            logger.warning(
+                "could not page out the optimizer state of group %r; it stays in memory",
+                group_name(self._group_units[b]),
+            )
+            raise
+        self._scalars[b] = scalars
         clear_state(self._inner[b], self._masters[b])
-        self._store.put(b, tensors)
         self._resident.discard(b)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("this HiFTOptimizer is closed")
+        if self._failure is not None:
+            raise RuntimeError(
+                f"this HiFTOptimizer stopped: {self._failure}. Load a checkpoint with "
+                "load_state_dict() or build a new optimizer"
+            )
+
+    def _trained_masters(self) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+        # Each trained parameter with its fp32 master data, one group at a time (for close()).
+        failed = self._order[self._position] if self._failure is not None else None
+        for b, (inner, masters) in enumerate(zip(self._inner, self._masters, strict=True)):
+            if b == failed:
+                continue  # its masters diverged; its weights keep their last finite values
+            if b not in self._resident:
+                try:
+                    fill_state(inner, masters, self._store.get(b), self._scalars[b])
+                except Exception as e:  # a damaged state file must not stop the close
+                    logger.warning("group %r keeps its half-precision weights: %s", b, e)
+                    continue
+            yield from ((p, m.data) for p, m in zip(self._params[b], masters, strict=True))
+            clear_state(inner, masters)
+            self._resident.discard(b)
 
     def _page_in(self, b: int) -> None:
         if b in self._resident:

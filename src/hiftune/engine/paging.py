@@ -15,8 +15,6 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import shutil
-import tempfile
 import weakref
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -25,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .tempdirs import OwnedDir, make_owned_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,10 @@ class StateStore(ABC):
 
     @abstractmethod
     def put(self, key: int, tensors: Tensors) -> None:
-        """Takes ownership of ``tensors`` (the caller drops its references)."""
+        """Takes ownership of ``tensors`` (the caller drops its references).
+
+        If ``put`` raises, the store does not hold ``key`` and the caller still owns ``tensors``.
+        """
 
     @abstractmethod
     def get(self, key: int) -> Tensors:
@@ -203,16 +206,27 @@ class DiskStore(StateStore):
     crash never leaves a file that loads as garbage. Files are removed by :meth:`close` (also
     called when the store is garbage-collected or the interpreter exits).
 
+    A failed write (a full disk, say) loses nothing: without write-behind :meth:`put` raises and
+    the caller keeps its tensors; with write-behind the tensors stay in memory, the error is
+    raised once by the next :meth:`get` of that group (or :meth:`flush`), and the one after
+    returns them from memory.
+
     Args:
-        directory: Where to write. ``None`` creates a temporary directory, removed on close.
+        directory: Where to write. ``None`` creates a temporary directory
+            (``<tmp>/hiftune-state-<pid>-*``), removed on close; making one also removes those
+            that processes killed before their cleanup left behind (see :mod:`.tempdirs`).
         write_behind: Return from :meth:`put` before the file is written (:meth:`flush` waits).
     """
 
     def __init__(
         self, directory: str | os.PathLike[str] | None = None, *, write_behind: bool = False
     ) -> None:
-        self._owns_dir = directory is None
-        self.directory = Path(directory or tempfile.mkdtemp(prefix="hiftune-state-"))
+        self._owned: OwnedDir | None = None
+        if directory is None:
+            self._owned = make_owned_temp_dir("hiftune-state-")
+            self.directory = self._owned.path
+        else:
+            self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -223,9 +237,9 @@ class DiskStore(StateStore):
         self._writes: dict[int, tuple[Future[None], int]] = {}
         self._reads: dict[int, Future[Tensors]] = {}
         self._devices: dict[int, dict[str, torch.device]] = {}
-        self._finalizer = weakref.finalize(
-            self, _cleanup, self._pool, self.directory, self._owns_dir
-        )
+        # key -> host tensors whose write failed: kept, so that no state is lost
+        self._unwritten: dict[int, Tensors] = {}
+        self._finalizer = weakref.finalize(self, _cleanup, self._pool, self.directory, self._owned)
 
     def path(self, key: int) -> Path:
         """The file that holds group ``key``."""
@@ -234,33 +248,53 @@ class DiskStore(StateStore):
     def put(self, key: int, tensors: Tensors) -> None:
         # Copy to host now (cheap on CPU, a device sync on CUDA), write in the background.
         host = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        previous = self._writes.pop(key, None)
+        if previous is not None:
+            wait([previous[0]])  # superseded: its outcome no longer matters
         self._reads.pop(key, None)
+        self._unwritten.pop(key, None)
         self._devices[key] = {k: v.device for k, v in tensors.items()}
         self._writes[key] = (
-            self._pool.submit(_atomic_save, host, self.path(key)),
+            self._pool.submit(_write, host, self.path(key), key, self._unwritten),
             tensor_bytes(host),
         )
         del host  # the write thread holds the only reference now, and drops it when done
         if not self.write_behind:
-            self._wait_write(key)
+            try:
+                self._wait_write(key)
+            except BaseException:
+                # The caller still holds the tensors: forget the key rather than keep a copy.
+                self._unwritten.pop(key, None)
+                del self._devices[key]
+                raise
 
     def prefetch(self, key: int) -> None:
-        if key in self._devices and key not in self._reads:
-            self._reads[key] = self._pool.submit(_load, self.path(key))
+        if key in self._devices and key not in self._reads and key not in self._unwritten:
+            self._reads[key] = self._pool.submit(
+                _load_if_written, self.path(key), key, self._unwritten
+            )
 
     def get(self, key: int) -> Tensors:
         if key not in self._devices:
             return {}
-        self.prefetch(key)
-        tensors = self._reads.pop(key).result()
-        self._wait_write(key)
+        self._wait_write(key)  # a failed write-behind is raised here, once; its tensors stay
+        if key in self._unwritten:
+            self._reads.pop(key, None)
+            tensors = self._unwritten.pop(key)
+        else:
+            self.prefetch(key)
+            tensors = self._reads.pop(key).result()
         devices = self._devices.pop(key)
         return {k: v.to(devices[k], non_blocking=True) for k, v in tensors.items()}
 
     def peek(self, key: int) -> Tensors:
         if key not in self._devices:
             return {}
-        self._wait_write(key)
+        entry = self._writes.get(key)
+        if entry is not None:
+            wait([entry[0]])  # a failure stays pending, for get() or flush() to raise
+        if key in self._unwritten:
+            return dict(self._unwritten[key])
         return _load(self.path(key))
 
     def flush(self) -> None:
@@ -277,8 +311,10 @@ class DiskStore(StateStore):
 
     def resident_bytes(self) -> int:
         pending = sum(n for f, n in self._writes.values() if not f.done())
-        loaded = sum(tensor_bytes(f.result()) for f in self._reads.values() if f.done())
-        return pending + loaded
+        loaded = sum(
+            tensor_bytes(f.result()) for f in self._reads.values() if f.done() and not f.exception()
+        )
+        return pending + loaded + tensor_bytes(list(self._unwritten.values()))
 
     def close(self) -> None:
         self._finalizer()
@@ -298,6 +334,20 @@ def make_store(offload: str, directory: str | None = None) -> StateStore:
     if offload == "disk":
         return DiskStore(directory)
     raise ValueError(f"offload must be one of none, host, disk; got {offload!r}")
+
+
+def _write(tensors: Tensors, path: Path, key: int, unwritten: dict[int, Tensors]) -> None:
+    # Runs on the write thread. On failure the tensors go to ``unwritten`` instead of being lost.
+    try:
+        _atomic_save(tensors, path)
+    except BaseException:
+        unwritten[key] = tensors
+        raise
+
+
+def _load_if_written(path: Path, key: int, unwritten: dict[int, Tensors]) -> Tensors:
+    # Runs on the same thread after the write of ``key``: if that failed there is no file to read.
+    return {} if key in unwritten else _load(path)
 
 
 def _atomic_save(tensors: Tensors, path: Path) -> None:
@@ -329,10 +379,10 @@ def _load(path: Path) -> Tensors:
         raise RuntimeError(f"optimizer state file {path} is corrupt or unreadable: {e}") from e
 
 
-def _cleanup(pool: ThreadPoolExecutor, directory: Path, owns_dir: bool) -> None:
+def _cleanup(pool: ThreadPoolExecutor, directory: Path, owned: OwnedDir | None) -> None:
     pool.shutdown(wait=True)
-    if owns_dir:
-        shutil.rmtree(directory, ignore_errors=True)
+    if owned is not None:
+        owned.remove()
     else:
         for f in directory.glob("group_*.safetensors*"):
             f.unlink(missing_ok=True)

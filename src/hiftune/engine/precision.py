@@ -3,16 +3,18 @@
 Standard mixed precision keeps an fp32 master copy of *every* weight on the device next to the
 half-precision model. HiFT steps one group at a time, so only that group's masters (and optimizer
 state) need to be on the device; the rest are paged like optimizer state. This module holds the two
-pieces that are specific to precision: the dtype table and the dynamic loss scaler for fp16.
+pieces that are specific to precision: the dtype table and the dynamic loss scaler for fp16, plus
+the check that fp32 masters still fit the half-precision weights, and handing fp32 weights back.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -75,3 +77,88 @@ class LossScaler:
         self.scale = float(state["scale"])
         self.good_steps = int(state["good_steps"])
         self.skipped_steps = int(state["skipped_steps"])
+
+
+def check_half_range(masters: Sequence[torch.Tensor], dtype: torch.dtype, group: str) -> str | None:
+    """Whether fp32 ``masters`` can be copied into ``dtype`` weights without becoming inf.
+
+    A master beyond the half-precision range (fp16: +-65504) or already inf/nan would turn into an
+    inf/nan weight on copy-back; with fp16 every later step would then overflow and be skipped,
+    forever. One device sync.
+
+    Returns:
+        ``None`` if they fit, else why not (naming ``group``), for an error message.
+    """
+    # max |m| without an |m| copy of each master; nan propagates
+    peaks = [torch.linalg.vector_norm(m.detach(), float("inf")) for m in masters if m.numel()]
+    if not peaks:
+        return None
+    peak = float(torch.stack([p.to(peaks[0].device) for p in peaks]).max())
+    limit = torch.finfo(dtype).max
+    if peak <= limit:  # False for nan too
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"training diverged: the step of group {group!r} left fp32 master weights of magnitude "
+        f"{peak:.3g}, beyond what {name} weights hold ({limit:g}); lower the learning rate, "
+        "clip gradients, or use precision='bf16'"
+    )
+
+
+def restore_weights(
+    cast: Sequence[tuple[nn.Parameter, torch.dtype]],
+    masters: Iterable[tuple[nn.Parameter, torch.Tensor]],
+) -> None:
+    """Gives parameters mixed precision cast their dtypes back.
+
+    Args:
+        cast: Each parameter that was cast to half precision, with its dtype before.
+        masters: Trained parameters with their fp32 master data, which replaces the (less
+            precise) half-precision weights. Consumed one pair at a time, so a generator can bring
+            the masters in group by group.
+    """
+    dtypes = {id(p): dtype for p, dtype in cast}
+    done: set[int] = set()
+    for p, data in masters:
+        p.data = data.to(dtypes.get(id(p), torch.float32))
+        done.add(id(p))
+    for p, dtype in cast:
+        if id(p) not in done:
+            p.data = p.data.to(dtype)
+
+
+def make_masters(
+    params: Sequence[nn.Parameter], dtype: torch.dtype, cast: list[tuple[nn.Parameter, torch.dtype]]
+) -> list[nn.Parameter]:
+    """fp32 master copies of ``params``, which are then cast to ``dtype`` in place.
+
+    Each cast parameter is appended to ``cast`` with its dtype before, for :func:`restore_weights`.
+    """
+    masters = [nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in params]
+    cast_to(params, dtype, cast)
+    return masters
+
+
+def cast_to(
+    params: Iterable[nn.Parameter], dtype: torch.dtype, cast: list[tuple[nn.Parameter, torch.dtype]]
+) -> None:
+    """Casts the floating-point ``params`` not yet in ``dtype``, recording each in ``cast``."""
+    for p in params:
+        if p.is_floating_point() and p.dtype != dtype:
+            cast.append((p, p.dtype))
+            p.data = p.data.to(dtype)
+
+
+def grads_to_masters(
+    params: Sequence[nn.Parameter], masters: Sequence[nn.Parameter], loss_scale: float
+) -> None:
+    """Moves the half-precision gradients of ``params`` into their fp32 ``masters``, unscaled."""
+    inv = 1.0 / loss_scale
+    for p, m in zip(params, masters, strict=True):
+        if p.grad is None:
+            m.grad = None
+            continue
+        m.grad = p.grad.detach().to(torch.float32)
+        p.grad = None  # the half-precision gradient is no longer needed
+        if inv != 1.0:
+            m.grad.mul_(inv)
