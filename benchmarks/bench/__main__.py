@@ -1,0 +1,94 @@
+"""The benchmark's command line (what ``make bench`` and ``make bench-quick`` call).
+
+    PYTHONPATH=benchmarks .venv/bin/python -m bench quick     # memory/speed, < 15 min
+    PYTHONPATH=benchmarks .venv/bin/python -m bench full      # + quality, < 90 min
+    PYTHONPATH=benchmarks .venv/bin/python -m bench render    # rebuild docs/benchmarks.md only
+
+Results go to ``docs/benchmarks/*.json`` (and PNGs), the document to ``docs/benchmarks.md``;
+per-run logs to ``runs/bench/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from hiftune.memory.render import write_json
+
+from . import methods, quality, report, runner, scale
+
+ROOT = runner.ROOT
+OUT = ROOT / "docs" / "benchmarks"
+DOC = ROOT / "docs" / "benchmarks.md"
+LOGS = ROOT / "runs" / "bench"
+COMMANDS = {
+    "memory/speed table only (< 15 min)": "make bench-quick",
+    "everything (< 90 min)": "make bench",
+    "the quality part on the reduced setting": (
+        "PYTHONPATH=benchmarks .venv/bin/python -m bench quality --reduced"
+    ),
+    "re-render this page from the JSON": "PYTHONPATH=benchmarks .venv/bin/python -m bench render",
+}
+#: Timed steps of the methods that do the same work every step (after one warm-up step).
+QUICK_STEPS, FULL_STEPS = 2, 4
+
+
+def speed(batch_plan: dict[int, list[str]], steps: int, model: str, seq_len: int) -> None:
+    """Measures the memory/speed plan and writes ``speed.json``."""
+    plan = runner.plan_for(sorted(batch_plan), batch_plan)
+    result = runner.run_matrix(
+        plan, LOGS / "speed", model=model, seq_len=seq_len, warmup=1, steps=steps, threads=1
+    )
+    write_json(OUT / "speed.json", result)
+
+
+def render() -> None:
+    """Writes the document (and the README's headline table, where it has the markers)."""
+    headline = report.render(OUT, DOC, COMMANDS)
+    if report.update_readme(ROOT / "README.md", headline):
+        logging.info("updated the headline table in README.md")
+    logging.info("wrote %s", DOC.relative_to(ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("quick", help="memory/speed (all methods at batch 1, a subset at 4) + scale")
+    sub.add_parser("full", help="memory/speed (all methods, batch 1 and 4) + scale + quality")
+    sp = sub.add_parser("speed", help="only the memory/speed runs of the given methods")
+    sp.add_argument("--methods", nargs="+", default=[m.name for m in methods.METHODS])
+    sp.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    sp.add_argument("--steps", type=int, default=FULL_STEPS)
+    sp.add_argument("--model", default="smollm2-135m")
+    sp.add_argument("--seq-len", type=int, default=128)
+    qp = sub.add_parser("quality", help="only the quality runs")
+    qp.add_argument("--reduced", action="store_true", help="a few minutes, to show it works")
+    sub.add_parser("scale", help="only the 7B/8B predictions")
+    sub.add_parser("render", help="only rebuild docs/benchmarks.md from the JSON")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    everyone = [m.name for m in methods.METHODS]
+    if a.command == "quick":
+        speed({1: everyone, 4: list(methods.QUICK_B4)}, QUICK_STEPS, "smollm2-135m", 128)
+    elif a.command == "full":
+        speed({1: everyone, 4: everyone}, FULL_STEPS, "smollm2-135m", 128)
+    elif a.command == "speed":
+        for name in a.methods:
+            methods.get(name)  # fail early on a typo
+        speed({b: list(a.methods) for b in a.batch_sizes}, a.steps, a.model, a.seq_len)
+    if a.command in ("quick", "full", "scale"):
+        write_json(OUT / "scale.json", scale.predict())
+    if a.command in ("full", "quality"):
+        reduced = getattr(a, "reduced", False)
+        plan = quality.REDUCED if reduced else quality.FULL
+        result = quality.run_all(plan, LOGS / "quality", "reduced" if reduced else "full")
+        write_json(OUT / "quality.json", result)
+    render()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

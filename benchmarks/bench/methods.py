@@ -1,0 +1,158 @@
+"""The configurations the benchmark measures: one row each in the tables.
+
+``dtype`` is the precision the model's weights are built (or loaded) in before the method sees
+them: ``bf16`` for methods whose authors train a half-precision model (BAdam, LOMO, GaLore,
+APOLLO, 8-bit AdamW, LoRA's frozen base) and for HiFT's mixed^Hi (fp32 masters only for the
+active group); ``fp32`` for full fine-tuning, which in its "bf16" form is autocast over fp32
+weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Method:
+    """One configuration.
+
+    Attributes:
+        name: Short id used on the command line and in JSON.
+        family: Adapter module (see :data:`bench.adapters.FAMILIES`).
+        label: How the tables name it.
+        package: The PyPI distribution the method comes from (its version goes in the report).
+        dtype: ``"fp32"`` or ``"bf16"``: the weights' precision when the method receives them.
+        options: Keyword arguments of the adapter's ``build``.
+        adam_quality: Whether it keeps Adam-quality updates for every trained weight (the issue's
+            goal compares hiftune with these); ``None`` for the baseline and hiftune itself.
+        cyclic: Whether steps differ by which block is active, so timing covers one full cycle.
+        note: What is unusual about the configuration (shown under the table).
+    """
+
+    name: str
+    family: str
+    label: str
+    package: str
+    dtype: str = "fp32"
+    options: dict[str, Any] = field(default_factory=dict)
+    adam_quality: bool | None = True
+    cyclic: bool = False
+    note: str = ""
+
+
+METHODS: tuple[Method, ...] = (
+    Method("fpft-fp32", "full", "full FT, AdamW fp32", "torch", adam_quality=None),
+    Method(
+        "fpft-bf16",
+        "full",
+        "full FT, AdamW bf16 autocast",
+        "torch",
+        options={"autocast": True},
+        adam_quality=None,
+    ),
+    Method(
+        "hift-fp32-host",
+        "hift",
+        "hiftune fp32, host paging",
+        "hiftune",
+        options={"offload": "host"},
+        adam_quality=None,
+        cyclic=True,
+    ),
+    Method(
+        "hift-fp32-disk",
+        "hift",
+        "hiftune fp32, disk paging",
+        "hiftune",
+        options={"offload": "disk"},
+        adam_quality=None,
+        cyclic=True,
+    ),
+    Method(
+        "hift-bf16-host",
+        "hift",
+        "hiftune bf16 mixed^Hi, host paging",
+        "hiftune",
+        dtype="bf16",
+        options={"offload": "host", "precision": "bf16"},
+        adam_quality=None,
+        cyclic=True,
+    ),
+    Method(
+        "hift-bf16-disk",
+        "hift",
+        "hiftune bf16 mixed^Hi, disk paging",
+        "hiftune",
+        dtype="bf16",
+        options={"offload": "disk", "precision": "bf16"},
+        adam_quality=None,
+        cyclic=True,
+    ),
+    Method(
+        "lora-r8",
+        "lora",
+        "LoRA r8, all linear (bf16 base)",
+        "peft",
+        dtype="bf16",
+        options={"rank": 8},
+        adam_quality=False,
+    ),
+    Method(
+        "lora-r64",
+        "lora",
+        "LoRA r64, all linear (bf16 base)",
+        "peft",
+        dtype="bf16",
+        options={"rank": 64},
+        adam_quality=False,
+    ),
+    Method(
+        "badam",
+        "badam",
+        "BAdam, defaults (no embedding/head)",
+        "badam",
+        dtype="bf16",
+        cyclic=True,
+        note="BAdam's defaults train only the transformer blocks: embedding and LM head stay frozen.",
+    ),
+    Method(
+        "badam-all",
+        "badam",
+        "BAdam + embedding + LM head",
+        "badam",
+        dtype="bf16",
+        options={"include_embedding": True, "include_lm_head": True},
+        cyclic=True,
+    ),
+    Method("lomo", "lomo", "LOMO (fused SGD)", "lomo-optim", dtype="bf16", adam_quality=False),
+    Method("galore", "galore", "GaLore AdamW r128", "galore-torch", dtype="bf16"),
+    Method("adam-mini", "adam_mini", "Adam-mini", "adam-mini", dtype="bf16"),
+    Method("apollo", "apollo", "APOLLO r256", "apollo-torch", dtype="bf16"),
+    Method(
+        "apollo-mini",
+        "apollo",
+        "APOLLO-Mini (r1)",
+        "apollo-torch",
+        dtype="bf16",
+        options={"rank": 1, "scale_type": "tensor", "scale": 128.0},
+    ),
+    Method("adamw-8bit", "bnb", "8-bit AdamW (bitsandbytes)", "bitsandbytes", dtype="bf16"),
+)
+
+BY_NAME = {m.name: m for m in METHODS}
+
+#: The configurations of ``make bench-quick`` at batch 4 (all of them run at batch 1).
+QUICK_B4 = ("fpft-fp32", "fpft-bf16", "hift-bf16-disk", "lora-r8", "badam", "lomo", "adamw-8bit")
+
+
+def get(name: str) -> Method:
+    """The method called ``name``.
+
+    Raises:
+        ValueError: For an unknown name (the message lists the known ones).
+    """
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; one of {', '.join(BY_NAME)}") from None
