@@ -27,7 +27,7 @@ test: lint
 check: test
 
 run: install
-	$(BIN)/hiftune train
+	$(BIN)/hiftune train --overwrite-output-dir
 
 # Lint, format check and type check (the layering contract is a test: tests/test_layers.py).
 lint: install

@@ -4,7 +4,12 @@ import transformers as T
 from transformers import TrainerCallback
 
 from hiftune import HiFTConfig, HiFTOptimizer
-from hiftune.integrations.transformers import HiFTCallback, HiFTTrainer, unwrap_hift
+from hiftune.integrations.transformers import (
+    HiFTCallback,
+    HiFTTrainer,
+    scale_gradients,
+    unwrap_hift,
+)
 from tinymodels import tiny_hf_config
 
 
@@ -194,3 +199,60 @@ def test_plain_trainer_with_optimizers_argument_resumes_exactly(tmp_path):
         full.model.named_parameters(), again.model.named_parameters(), strict=True
     ):
         assert torch.equal(a, b), n
+
+
+# --- fp16 loss scaling through the Trainer ---------------------------------------------------
+
+
+def _head_update(tmp_path, precision, max_grad_norm):
+    """How far one SGD step of the head group moves the LM head, and the logged loss."""
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(tiny_hf_config("llama"))
+    before = model.lm_head.weight.detach().float().clone()
+    args = T.TrainingArguments(
+        str(tmp_path / precision),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        max_grad_norm=max_grad_norm,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = HiFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=_data(8),
+        hift_config=HiFTConfig(order="top2down", precision=precision, offload="none"),
+    )
+    trainer.train()
+    hift = unwrap_hift(trainer.optimizer)
+    assert hift is not None and hift.skipped_steps == 0
+    hift.close()
+    delta = (model.lm_head.weight.detach().float() - before).norm().item()
+    loss = next(r["loss"] for r in trainer.state.log_history if "loss" in r)
+    return delta, loss
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_fp16_trains_like_fp32_through_the_trainer(tmp_path, max_grad_norm):
+    # Without loss scaling in the Trainer's backward, step() divided unscaled gradients by
+    # 65536 and the head moved ~1e-5 of what it should (and clipping the scaled gradients
+    # to max_grad_norm shrank it as much again).
+    ref, ref_loss = _head_update(tmp_path, "fp32", max_grad_norm)
+    got, loss = _head_update(tmp_path, "fp16", max_grad_norm)
+    assert ref > 1e-3
+    assert got == pytest.approx(ref, rel=0.05)
+    assert loss == pytest.approx(ref_loss, rel=0.01)  # the logged loss is not the scaled one
+
+
+def test_scale_gradients_keeps_the_value_and_scales_the_gradient():
+    x = torch.tensor(3.0, requires_grad=True)
+    y = scale_gradients(x * 2, 1024.0)
+    assert y.item() == 6.0
+    y.backward()
+    assert x.grad.item() == 2048.0

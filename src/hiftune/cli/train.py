@@ -7,7 +7,11 @@ recipe itself, its configuration and its checks live in :mod:`hiftune.recipes`.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from types import FrameType
 from typing import Any
 
 from ..engine.config import OFFLOADS, ORDERS, PRECISIONS
@@ -22,7 +26,8 @@ from ..recipes.config import (
 from ..recipes.models import PRESETS, TASKS
 from ..recipes.report import format_metrics
 
-#: Exit code of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT).
+#: Exit code of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT); SIGTERM gives
+#: 143 and SIGHUP 129, the codes a scheduler expects of a job its signal ended.
 INTERRUPTED = 130
 
 
@@ -135,6 +140,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", default=S, help="default runs/<model>-<task>-<method>")
     g.add_argument("--save-steps", type=int, default=S, help="also checkpoint every N steps")
     g.add_argument(
+        "--overwrite-output-dir",
+        action="store_true",
+        default=S,
+        help="start afresh in an --output-dir that holds another run (removes its checkpoints)",
+    )
+    g.add_argument(
         "--resume",
         default=S,
         help="checkpoint directory (or an output directory: its latest checkpoint)",
@@ -167,21 +178,48 @@ def config_from_args(args: argparse.Namespace) -> TrainRecipeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``hiftune train``; returns the exit code (0 done, 130 interrupted and checkpointed)."""
+    """Runs ``hiftune train``; returns the exit code.
+
+    0 when the run finished; 128 + the signal's number when a signal stopped it after saving a
+    checkpoint (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
+    """
     cfg = config_from_args(args)
     # Imported here: transformers' Trainer takes seconds to import, and `hiftune train --help`
     # or a bad option should not wait for it.
     from ..recipes.train import Recipe
 
-    result = Recipe(cfg, verbose=bool(getattr(args, "verbose", False))).run()
+    with _stop_signals_abort():
+        result = Recipe(cfg, verbose=bool(getattr(args, "verbose", False))).run()
     if result.report is None:
         print(
             f"interrupted at step {result.steps}; checkpoint saved to {result.checkpoint}\n"
             f"resume with: hiftune train --resume {result.checkpoint}"
         )
-        return INTERRUPTED
+        return 128 + result.signum if result.signum else INTERRUPTED
     _print_summary(result.report)
     return 0
+
+
+@contextlib.contextmanager
+def _stop_signals_abort() -> Iterator[None]:
+    """SIGTERM and SIGHUP abort like Ctrl-C outside training (during it, the recipe checkpoints).
+
+    Their default action ends the process at once, without the clean-up that an exception runs
+    on its way out (temporary optimizer-state files, the output directory's lock file).
+    """
+
+    def abort(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main one
+        yield
+        return
+    previous = {s: signal.signal(s, abort) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _print_summary(report: Mapping[str, Any]) -> None:

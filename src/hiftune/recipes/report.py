@@ -14,6 +14,10 @@ from typing import Any
 from ..engine.optimizer import HiFTOptimizer
 from ..memory.render import markdown_table, plot_lines, write_json
 from .config import TrainRecipeConfig
+from .safe_io import WriteError, is_write_failure, write_failure_reason
+
+#: The files :func:`write_report` writes into the output directory.
+REPORT_FILES = ("report.json", "loss.png", "memory.png", "report.md")
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
@@ -42,6 +46,8 @@ def write_report(
 ) -> dict[str, Any]:
     """Writes the report files of a finished run into ``out_dir``; returns ``report.json``'s data.
 
+    Non-finite values (a ``nan`` loss) are written as ``NaN`` / ``Infinity``, never as a number.
+
     Args:
         out_dir: The run's output directory.
         cfg: The run's configuration.
@@ -58,6 +64,9 @@ def write_report(
         memory_kind: What was measured (``"CUDA allocated"`` or ``"resident set"``).
         n_train: Training examples.
         n_eval: Evaluation examples.
+
+    Raises:
+        WriteError: If a report file cannot be written (the files written so far are removed).
     """
     report: dict[str, Any] = {
         "model": cfg.model,
@@ -84,10 +93,21 @@ def write_report(
         "config": cfg.to_dict(),
         "per_step": [dict(s) for s in steps],
     }
-    write_json(out_dir / "report.json", report)
-    if steps:
-        _plot(out_dir, cfg, steps, memory_kind)
-    (out_dir / "report.md").write_text(_summary(cfg, report, hift is not None))
+    try:
+        write_json(out_dir / "report.json", report)
+        if steps:
+            _plot(out_dir, cfg, steps, memory_kind)
+        (out_dir / "report.md").write_text(_summary(cfg, report, hift is not None))
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        # A partial report would pass for the run's result; none is better.
+        for name in REPORT_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        raise WriteError(
+            f"cannot write the report in {out_dir}: {write_failure_reason(e, out_dir)}; "
+            "the fine-tuned model is saved there"
+        ) from e
     return report
 
 

@@ -41,10 +41,19 @@ from ..engine.optimizers import resolve_optimizer
 from ..errors import UserError, first_line
 from ..integrations.transformers import HiFTTrainer, unwrap_hift
 from . import data as D
-from .callbacks import Interrupt, Progress
+from .callbacks import Interrupt, Progress, RunFinished, StopIfFinished
 from .config import RESUMABLE_CHANGES, RUN_CONFIG, TrainRecipeConfig, find_checkpoint, saved_run
-from .models import PRESETS, ModelError, load_model_and_tokenizer, resolve_model
+from .guards import NonFiniteGuard
+from .models import (
+    PRESETS,
+    ModelError,
+    check_model_fits,
+    load_model_and_tokenizer,
+    resolve_model,
+)
 from .report import format_metrics, write_report
+from .rundir import OutputDir
+from .safe_io import check_output_dir, checkpoint_writes, save_final_model
 from .tasks import ListDataset, Task, build_task
 
 logger = logging.getLogger(__name__)
@@ -61,12 +70,15 @@ class TrainResult:
         steps: Optimizer steps trained (counting those before a resume).
         report: The content of ``report.json`` (``None`` if the run was interrupted).
         checkpoint: The checkpoint to resume an interrupted run from (``None`` if it finished).
+        signum: The signal that interrupted the run (``signal.SIGINT`` for Ctrl-C, ``SIGTERM``,
+            ``SIGHUP``; ``None`` if it finished).
     """
 
     output_dir: Path
     steps: int
     report: dict[str, Any] | None
     checkpoint: Path | None = None
+    signum: int | None = None
 
     @property
     def interrupted(self) -> bool:
@@ -101,10 +113,10 @@ class Recipe:
             UserError: For bad input: a missing model or data file, a task the model cannot do,
                 a checkpoint of another run, and so on.
         """
-        with _quiet_transformers(self.verbose):
-            return self._run()
+        with _quiet_transformers(self.verbose), contextlib.ExitStack() as held:
+            return self._run(held)
 
-    def _run(self) -> TrainResult:
+    def _run(self, held: contextlib.ExitStack) -> TrainResult:
         cfg = self.cfg
         t_start = time.perf_counter()
         checkpoint = find_checkpoint(cfg.resume) if cfg.resume else None
@@ -112,6 +124,7 @@ class Recipe:
             cfg.output_dir
             or (checkpoint.parent if checkpoint else Path("runs") / self._default_name())
         )
+        check_output_dir(out_dir)  # a read-only or misnamed directory: before the slow part
         model_dir, preset = resolve_model(cfg.model)
         if preset is not None and cfg.task not in preset.tasks:
             raise ModelError(
@@ -119,9 +132,17 @@ class Recipe:
                 f"it does {', '.join(preset.tasks)}"
             )
         splits, classes = self._load_data()
+        # Before the slow part: one run per directory, for the whole run.
+        held.enter_context(OutputDir(out_dir, checkpoint, overwrite=cfg.overwrite_output_dir))
         transformers.set_seed(cfg.seed)  # seeds a new classification head, too
         model, tokenizer = load_model_and_tokenizer(
             model_dir, cfg.task, num_labels=len(classes or [0, 1]), name=cfg.model
+        )
+        check_model_fits(
+            model,
+            max_length=cfg.max_length,
+            units_per_group=cfg.units_per_group if cfg.method == "hift" else None,
+            name=cfg.model,
         )
         identity = self._identity(model_dir, classes)
         saved = self._check_resume(checkpoint, identity) if checkpoint is not None else None
@@ -137,6 +158,9 @@ class Recipe:
         progress = Progress(meta, interrupt)
         trainer = self._build_trainer(model, tokenizer, task, train_ds, eval_ds, out_dir)
         trainer.add_callback(progress)
+        guard = NonFiniteGuard()
+        trainer.add_callback(guard)
+        trainer.add_callback(StopIfFinished())
 
         if checkpoint is None and cfg.zero_shot:
             logger.info("zero-shot evaluation on %d %s examples", len(eval_ds), cfg.eval_split)
@@ -144,21 +168,30 @@ class Recipe:
         (out_dir / RUN_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
         t_train = time.perf_counter()
-        with interrupt:
+        result: Any = None
+        with (
+            contextlib.closing(progress),  # also on an error: its line must not run into the bar
+            interrupt,
+            checkpoint_writes(out_dir, trainer),  # a full disk: one line, no partial checkpoint
+            contextlib.suppress(RunFinished),  # a finished run resumed: no more steps
+        ):
             result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         train_seconds = time.perf_counter() - t_train
         progress.close()
+        if guard.failure is not None:
+            self._close(trainer)
+            guard.check()
         if interrupt.requested:
             self._close(trainer)
             last = out_dir / f"checkpoint-{trainer.state.global_step}"
             logger.info("checkpoint saved to %s", last)
-            return TrainResult(out_dir, trainer.state.global_step, None, last)
+            return TrainResult(out_dir, trainer.state.global_step, None, last, interrupt.signum)
 
         final = self._evaluate(trainer, "fine-tuned")
         if cfg.also_eval:
             extra = ListDataset(task.encode_eval(splits["also"]))
             meta["also_eval"] = {cfg.also_eval: self._evaluate(trainer, cfg.also_eval, extra)}
-        trainer.save_model(str(out_dir))  # with the tokenizer (the Trainer's processing_class)
+        save_final_model(trainer, out_dir)  # with the tokenizer (the Trainer's processing_class)
         self._close(trainer)
         device = trainer.args.device
         report = write_report(
@@ -302,6 +335,7 @@ class Recipe:
             weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
             logging_steps=1,
+            logging_nan_inf_filter=False,  # a nan loss is logged (and stops the run) as nan
             save_strategy="steps" if cfg.save_steps else "no",
             save_steps=cfg.save_steps or 500,
             eval_strategy="no",
