@@ -126,3 +126,131 @@ def tiny_hf_config(family: str):
             max_position_embeddings=40,
         )
     raise KeyError(family)
+
+
+#: Config fields a tiny model of any ``transformers`` family sets, where its config has them.
+TINY_FIELDS: dict[str, object] = {
+    "vocab_size": 96,
+    "decoder_vocab_size": 96,  # Marian
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "dim", "embed_dim"), 32),
+    **dict.fromkeys(
+        (
+            "num_hidden_layers",
+            "n_layer",
+            "n_layers",
+            "num_layers",
+            "encoder_layers",
+            "decoder_layers",
+            "num_decoder_layers",
+        ),
+        2,
+    ),
+    **dict.fromkeys(
+        (
+            "num_attention_heads",
+            "n_head",
+            "n_heads",
+            "num_heads",
+            "encoder_attention_heads",
+            "decoder_attention_heads",
+        ),
+        2,
+    ),
+    "num_key_value_heads": 1,
+    **dict.fromkeys(
+        (
+            "intermediate_size",
+            "ffn_dim",
+            "encoder_ffn_dim",
+            "decoder_ffn_dim",
+            "d_ff",
+            "n_inner",
+            "hidden_dim",
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+        ),
+        64,
+    ),
+    **dict.fromkeys(("head_dim", "d_kv", "d_head"), 16),
+    **dict.fromkeys(("max_position_embeddings", "n_positions"), 64),
+    # Mixture of experts: every token goes to every expert, so that every expert is trained.
+    **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts"), 2),
+    "num_experts_per_tok": 2,
+    "tie_word_embeddings": False,
+    "rotary_dim": 8,  # GPT-J: a part of the 16-wide heads
+    "attention_types": [[["global", "local"], 1]],  # GPT-Neo: one entry per layer
+}
+
+#: Special token ids, and the value they get when the default does not fit the tiny vocabulary.
+TINY_TOKEN_IDS = {
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 0,
+}
+
+
+def tiny_auto_model(model_type: str, head: str = "causal-lm"):
+    """A tiny ``transformers`` model of ``model_type``, from its default config made small.
+
+    Args:
+        model_type: A key of ``transformers``' config mapping (``"llama"``, ``"t5"``, ...).
+        head: ``"causal-lm"``, ``"seq2seq-lm"``, ``"masked-lm"`` or ``"seq-cls"``.
+
+    Raises:
+        Exception: Whatever ``transformers`` raises if the tiny config cannot be built.
+    """
+    import transformers as T
+
+    defaults = T.AutoConfig.for_model(model_type).to_dict()
+    config = T.AutoConfig.for_model(
+        model_type, **{k: v for k, v in TINY_FIELDS.items() if k in defaults}
+    )
+    auto = {
+        "causal-lm": T.AutoModelForCausalLM,
+        "seq2seq-lm": T.AutoModelForSeq2SeqLM,
+        "masked-lm": T.AutoModelForMaskedLM,
+        "seq-cls": T.AutoModelForSequenceClassification,
+    }[head]
+    for key, small in TINY_TOKEN_IDS.items():
+        if isinstance(getattr(config, key, None), int) and getattr(config, key) >= 96:
+            setattr(config, key, small)
+    if head == "seq2seq-lm" and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = config.pad_token_id  # labels are shifted right from it
+    if head == "seq-cls":
+        config.num_labels = 3
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = 0
+    torch.manual_seed(0)
+    return auto.from_config(config)
+
+
+class BiasBlock(Block):
+    """A :class:`Block` that also adds a bias computed outside it (a shared position table)."""
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x) + bias
+
+
+class SharedBiasLM(nn.Module):
+    """Registration order that lies: modules registered after the blocks run before them.
+
+    ``embed_norm`` (like BART's ``layernorm_embedding``) and ``bias`` (a position-bias table
+    computed once and passed into every block) are registered after the blocks but used before
+    them; a split by registration order puts them in the head, where truncation cuts them off.
+    """
+
+    def __init__(self, vocab: int = 32, d: int = 16, layers: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(BiasBlock(d) for _ in range(layers))
+        self.embed_norm = nn.LayerNorm(d)
+        self.bias = nn.Embedding(64, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_norm(self.embed(ids))
+        bias = self.bias(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x, bias)
+        return self.lm_head(x)

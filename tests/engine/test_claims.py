@@ -6,24 +6,51 @@ import io
 import pytest
 import torch
 
-from hiftune import HiFTOptimizer
-from tinymodels import TinyLM, lm_loss
+from hiftune import HiFTConfig, HiFTOptimizer
+from tinymodels import TinyLM, lm_loss, train_steps
+
+
+def _assert_a_cycle_changes_every_parameter(model, opt):
+    """The optimizer trains every group: a full cycle changes every parameter."""
+    before = copy.deepcopy(model.state_dict())
+    train_steps(model, opt, [torch.randint(0, 32, (2, 8))] * opt.num_groups)
+    assert all(not torch.equal(before[n], p) for n, p in model.state_dict().items())
 
 
 def _hooks(model):
     return sum(len(b._forward_pre_hooks) + len(b._forward_hooks) for b in model.blocks)
 
 
-def test_a_model_driven_by_an_optimizer_is_refused_until_close():
+def test_close_hands_the_model_back_whole():
     model = TinyLM()
     opt = HiFTOptimizer(model, torch.optim.SGD, lr=0.1)
-    with pytest.raises(RuntimeError, match=r"already driven by HiFTOptimizer.*close\(\)"):
-        HiFTOptimizer(model, torch.optim.SGD, lr=0.1)
     opt.close()
     # close() hands the model back whole: trainable again, no truncation hooks left.
     assert all(p.requires_grad for p in model.parameters()) and _hooks(model) == 0
     again = HiFTOptimizer(model, torch.optim.SGD, lr=0.1)
     assert again.num_groups == opt.num_groups == 6
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_new_optimizer_takes_the_model_over_from_a_live_one(precision):
+    model = TinyLM()
+    ids = torch.randint(0, 32, (2, 8))
+    old = HiFTOptimizer(model, torch.optim.SGD, HiFTConfig(precision=precision), lr=0.1)
+    lm_loss(model, ids).backward()
+    old.step()
+    with pytest.warns(UserWarning, match=r"driven by HiFTOptimizer.*takes it over"):
+        new = HiFTOptimizer(model, torch.optim.SGD, HiFTConfig(units_per_group=2), lr=0.1)
+    # The old one's freezing and hooks are gone, only the new one's are there, and the old
+    # one's mixed precision was undone before the new one (fp32 here) wrapped the model.
+    assert _hooks(model) == 2 * len(model.blocks)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == [
+        any(p is q for q in new.active_parameters()) for p in model.parameters()
+    ]
+    for call in (old.step, old.state_dict, lambda: old.load_state_dict(new.state_dict())):
+        with pytest.raises(RuntimeError, match="newer HiFTOptimizer took its model over"):
+            call()
+    _assert_a_cycle_changes_every_parameter(model, new)
 
 
 def test_an_optimizer_dropped_without_close_is_undone_on_the_next_wrap():
@@ -34,14 +61,7 @@ def test_an_optimizer_dropped_without_close_is_undone_on_the_next_wrap():
     with pytest.warns(UserWarning, match="without close"):
         again = HiFTOptimizer(model, torch.optim.SGD, lr=0.1)
     assert again.num_groups == 6 and _hooks(model) == 2 * len(model.blocks)  # one hook pair each
-    # The new optimizer trains every group: a full cycle changes every parameter.
-    before = copy.deepcopy(model.state_dict())
-    ids = torch.randint(0, 32, (2, 8))
-    for _ in range(again.num_groups):
-        lm_loss(model, ids).backward()
-        again.step()
-        again.zero_grad()
-    assert all(not torch.equal(before[n], p) for n, p in model.state_dict().items())
+    _assert_a_cycle_changes_every_parameter(model, again)
 
 
 def test_a_driven_model_still_pickles_and_deep_copies():

@@ -235,6 +235,16 @@ def test_close_restores_fp32_weights_from_the_masters(batches, precision):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_close_keeps_a_half_precision_model_in_half_precision(batches):
+    # A model that was bf16 before HiFT gets its trained weights back in bf16, not fp32.
+    torch.manual_seed(0)
+    model = TinyLM().to(torch.bfloat16)
+    opt = HiFTOptimizer(model, torch.optim.AdamW, HiFTConfig(precision="bf16"), lr=1e-2)
+    train_steps(model, opt, batches[:4])
+    opt.close()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
 # --- 4: an fp16 master beyond the fp16 range stops training clearly ---------------------------
 
 

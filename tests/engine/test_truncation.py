@@ -80,3 +80,28 @@ def test_a_grad_requiring_input_builds_no_graph_below_the_active_block(tiny_lm, 
     assert seen == [(0, False, False), (1, False, False), (2, True, True), (3, True, True)]
     assert all(block.gradient_checkpointing for block in tiny_lm.blocks)  # restored afterwards
     assert all(p.grad is not None for p in opt.active_parameters())
+
+
+def test_between_two_stacks_only_the_first_stack_is_cut_off():
+    # T5 with reentrant checkpointing: training the unit between encoder and decoder (the
+    # encoder's final norm) must detach only the encoder blocks, and give the norm its gradient.
+    pytest.importorskip("transformers")
+    from tinymodels import tiny_auto_model
+
+    model = tiny_auto_model("t5", "seq2seq-lm")
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    opt = HiFTOptimizer(model, torch.optim.SGD, HiFTConfig(offload="none"), lr=0.1)
+    for _ in range(opt.group_names.index("between.2")):
+        opt.step()
+    blocks = [*model.encoder.block, *model.decoder.block]
+    needs_grad = [None] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(
+            lambda m, a, out, i=i: needs_grad.__setitem__(i, out[0].requires_grad)
+        )
+    ids = torch.randint(3, 96, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert needs_grad == [False, False, True, True]
+    (norm,) = opt.active_parameters()
+    assert norm is model.encoder.final_layer_norm.weight and norm.grad.abs().sum() > 0

@@ -1,12 +1,15 @@
 """The unit split: Hugging Face families (skipped without transformers), custom stacks, overrides."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from hiftune import HiFTConfig, split_units
+from hiftune import HiFTConfig, HiFTOptimizer, split_units
+from hiftune.engine import trace
 from hiftune.engine.units import find_blocks, group_units
-from tinymodels import TinyLM, tiny_hf_config
+from tinymodels import SharedBiasLM, TinyLM, tiny_auto_model, tiny_hf_config, train_steps
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neo", "opt", "bert", "roberta"]
 
@@ -165,3 +168,94 @@ def test_split_works_on_the_meta_device():
     with torch.device("meta"):
         model = T.AutoModelForCausalLM.from_config(tiny_hf_config("llama"))
     assert len(split_units(model)) == 5
+
+
+# --- units by execution -------------------------------------------------------------------------
+
+
+def test_modules_registered_after_the_blocks_but_used_before_them_open_the_model():
+    torch.manual_seed(0)
+    model = SharedBiasLM()
+    units = split_units(model)
+    _check_partition(model, units)
+    assert [u.name for u in units] == ["embed", "layers.0", "layers.1", "layers.2", "head"]
+    assert set(units[0].params) == {
+        "embed.weight",
+        "embed_norm.weight",
+        "embed_norm.bias",
+        "bias.weight",
+    }
+    assert units[-1].params == ("lm_head.weight",) and units[-1].cut == 3
+    # With the hooks in place (and a grad-requiring embedding output, as gradient checkpointing
+    # makes it) one cycle updates every parameter, the shared bias table included.
+    model.embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    opt = HiFTOptimizer(model, torch.optim.SGD, HiFTConfig(offload="none"), lr=0.5)
+    before = copy.deepcopy(model.state_dict())
+    train_steps(model, opt, [torch.randint(0, 32, (2, 8))] * opt.num_groups)
+    assert [n for n, p in model.state_dict().items() if torch.equal(before[n], p)] == []
+
+
+@pytest.mark.parametrize("model_type", ["t5", "bart"])
+def test_encoder_decoder_blocks_are_units_in_execution_order(model_type):
+    pytest.importorskip("transformers")
+    model = tiny_auto_model(model_type, "seq2seq-lm")
+    units = split_units(model)
+    _check_partition(model, units)
+    names = [u.name for u in units]
+    assert names == ["embed", "layers.0", "layers.1", "between.2", "layers.2", "layers.3", "head"]
+    modules = [u.module for u in units if u.module is not None]
+    assert ["decoder" in m for m in modules] == [False, False, True, True]
+    # Cuts: between the stacks only the encoder blocks may be detached, above all four.
+    assert [u.cut for u in units] == [0, 1, 2, 2, 3, 4, 4]
+    if model_type == "bart":
+        # Registered after the encoder layers, used before them: with the embedding.
+        assert "model.encoder.layernorm_embedding.weight" in units[0].params
+        assert "model.decoder.layernorm_embedding.weight" in units[3].params
+    # The same split on the meta device (what the memory estimator sees).
+    with torch.device("meta"):
+        meta = tiny_auto_model(model_type, "seq2seq-lm")
+    assert split_units(meta) == units
+
+
+def test_tracing_leaves_the_model_as_it_was(monkeypatch):
+    model = TinyLM()
+    model.train()
+    model.blocks[1].eval()
+    flags = [m.training for m in model.modules()]
+    weights = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    paths = [f"blocks.{i}" for i in range(4)]
+    # On a meta copy: the model itself is never called.
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    meta_trace = trace.trace_forward(model, paths)
+    assert meta_trace is not None and meta_trace.device == "meta" and calls == []
+    # In place (as when the model cannot run on meta): eval mode during the pass, then the
+    # training flags, weights, RNG and hooks as before.
+    monkeypatch.setattr(trace, "_run_on_meta_copy", lambda *a: None)
+    modes = []
+    model.blocks[0].register_forward_hook(lambda m, a, out: modes.append(m.training))
+    real = trace.trace_forward(model, paths)
+    assert real is not None and real.device == "cpu" and calls == [1] and modes == [False]
+    assert real.blocks == meta_trace.blocks == tuple(paths)
+    assert [m.training for m in model.modules()] == flags
+    assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    assert hooks == 2  # the test's own two
+
+
+def test_a_model_that_cannot_run_is_split_by_registration_without_cuts_outside_blocks():
+    model = TinyLM()
+    model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no dummy input"))
+    units = split_units(model)
+    assert [u.name for u in units] == [
+        "embed",
+        "layers.0",
+        "layers.1",
+        "layers.2",
+        "layers.3",
+        "head",
+    ]
+    # Block parameters run inside their block; where the rest runs is unknown: no cut.
+    assert [u.cut for u in units] == [0, 1, 2, 3, 4, 0]

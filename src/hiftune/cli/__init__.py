@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "train": "fine-tune a model with HiFT (or plain FPFT) end to end",
     "estimate": "predict training memory without loading weights",
     "profile": "measure memory and step time of FPFT vs HiFT",
+    "inspect": "show the unit split, groups and warnings before training",
 }
 
 

@@ -1,8 +1,9 @@
 """One HiFTOptimizer per model at a time: what an optimizer changed on its model, and undoing it.
 
 A HiFTOptimizer freezes all groups but one and hooks the model's blocks. Two live optimizers on one
-model would fight over ``requires_grad``; an optimizer dropped without ``close()`` (a notebook cell
-re-run, say) would leave its freezing and hooks behind. The registry here remembers, per model,
+model would fight over ``requires_grad``, so a new optimizer takes the model over: the old one is
+closed (with a warning) and refuses to step from then on. An optimizer dropped without ``close()``
+(a notebook cell re-run, say) would leave its freezing and hooks behind. The registry here remembers, per model,
 a :class:`Claim` that can undo those changes without the optimizer that made them.
 """
 
@@ -40,6 +41,8 @@ class Claim:
         self.truncation = truncation
         self.params = params
         self.released = False
+        #: Set when a newer optimizer took the model over: the owner must refuse to step.
+        self.superseded = False
 
     def release(self) -> None:
         """Removes the hooks and makes the parameters trainable again (once)."""
@@ -71,13 +74,10 @@ def release_claim(model: nn.Module, claim: Claim) -> None:
 
 
 def release_stale_claim(model: nn.Module) -> None:
-    """Refuses a model another live HiFTOptimizer drives; undoes a dropped, unclosed one.
+    """Takes ``model`` over from a live HiFTOptimizer (closing it); undoes a dropped, unclosed one.
 
-    Call it straight from the optimizer's ``__init__``: the warning points two frames up, at the
-    user's line that builds the optimizer.
-
-    Raises:
-        RuntimeError: If a live optimizer still drives ``model``.
+    Both cases warn. Call it straight from the optimizer's ``__init__``: the warning points two
+    frames up, at the user's line that builds the optimizer.
     """
     claim = _CLAIMS.get(model)
     if claim is None or claim.released:
@@ -86,10 +86,20 @@ def release_stale_claim(model: nn.Module) -> None:
         gc.collect()  # a dropped optimizer caught in a reference cycle is freed only by the collector
     owner = claim.owner()
     if owner is not None:
-        raise RuntimeError(
-            f"this model is already driven by {owner!r}; call its close() first (that makes the "
-            "parameters it froze trainable again) or start from a fresh model"
+        # A re-run notebook cell or a sweep over units_per_group on one model: the newest
+        # optimizer wins. Closing the old one undoes its freezing and hooks and gives the
+        # weights their dtypes back; its step() then says why it no longer works.
+        warnings.warn(
+            f"this model was driven by {owner!r}; the new HiFTOptimizer takes it over and the "
+            "old one is closed (stepping it raises)",
+            stacklevel=3,
         )
+        claim.superseded = True
+        try:
+            owner.close()  # type: ignore[attr-defined]
+        finally:
+            release_claim(model, claim)
+        return
     # Its optimizer is gone without close(): without this, all but one group would stay frozen
     # and its backward-truncation hooks would keep cutting the graph.
     warnings.warn(

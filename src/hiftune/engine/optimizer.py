@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from . import precision
-from .checkpoint import STATE_DICT_VERSION, Layout, class_name, validate_state_dict
 from .claims import claim_model, release_claim, release_stale_claim
 from .config import HiFTConfig
 from .delay import DelayedLR
@@ -33,6 +32,7 @@ from .inner import ParamGroupsFn, clear_state, fill_state, flatten_state, param_
 from .order import group_order
 from .paging import StateStore, make_store
 from .precision import DTYPES, LossScaler
+from .state_dict import STATE_DICT_VERSION, Layout, class_name, validate_state_dict
 from .truncation import BackwardTruncation
 from .units import Unit, group_name, group_units, split_units
 
@@ -373,14 +373,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
             paged_out = b not in self._resident
             if paged_out:  # fill the optimizer from a CPU copy, only for the duration of the copy
                 fill_state(inner, self._masters[b], self._store.peek(b), self._scalars[b])
-            groups.append(
-                {
-                    "optimizer": inner.state_dict(),
-                    "masters": [m.data.to("cpu") for m in self._masters[b]]
-                    if self._mixed
-                    else None,
-                }
-            )
+            masters = [m.data.to("cpu") for m in self._masters[b]] if self._mixed else None
+            groups.append({"optimizer": inner.state_dict(), "masters": masters})
             if paged_out:
                 clear_state(inner, self._masters[b])
         return {
@@ -407,7 +401,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 order that does not fit, a group entry of the wrong form).
         """
         if self._closed:
-            raise RuntimeError("this HiFTOptimizer is closed; build a new one to load a checkpoint")
+            self._check_usable()  # says why it is closed (e.g. a newer optimizer took over)
         meta = validate_state_dict(state_dict, self._layout)
         order = [int(i) for i in meta["order"]]
         for b, saved in enumerate(state_dict["groups"]):
@@ -518,6 +512,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._resident.discard(b)
 
     def _check_usable(self) -> None:
+        if self._claim.superseded:
+            raise RuntimeError(
+                "this HiFTOptimizer was closed because a newer HiFTOptimizer took its model over; "
+                "step, save and load with the new one"
+            )
         if self._closed:
             raise RuntimeError("this HiFTOptimizer is closed")
         if self._failure is not None:

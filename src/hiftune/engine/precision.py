@@ -135,7 +135,11 @@ def make_masters(
     Each cast parameter is appended to ``cast`` with its dtype before, for :func:`restore_weights`.
     """
     masters = [nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in params]
-    cast_to(params, dtype, cast)
+    for p in params:
+        # Recorded even when already in ``dtype``: restore_weights gives a trained parameter its
+        # master in the dtype it had, and must not take a bf16 model's weights to fp32.
+        cast.append((p, p.dtype))
+        p.data = p.data.to(dtype)
     return masters
 
 

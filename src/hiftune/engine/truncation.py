@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .units import EMBED, HEAD, Unit
+from .units import Unit, group_cut
 
 #: The flag Hugging Face blocks carry when gradient checkpointing is on. Read and written by name:
 #: it is a plain attribute of some modules, not part of ``nn.Module``.
@@ -27,9 +27,12 @@ _CHECKPOINTING = "gradient_checkpointing"
 class BackwardTruncation:
     """Keeps autograd from building a graph below the lowest active block.
 
-    Pre-hooks detach the inputs of every block up to the lowest active one, and, when that block
-    is checkpointed, give it a fresh grad-requiring input so that reentrant checkpointing still
-    computes its weight gradients. Frozen blocks below it run with checkpointing paused.
+    Pre-hooks detach the inputs of the blocks that provably run before any parameter of the
+    active group is used (the group's :attr:`~hiftune.engine.units.Unit.cut`, found by tracing a
+    forward pass), and nothing else: a parameter used before the blocks, between two stacks or by
+    every block keeps its gradient. When the highest of those blocks is itself active and
+    checkpointed, it gets a fresh grad-requiring input so that reentrant checkpointing still
+    computes its weight gradients. Frozen blocks below the cut run with checkpointing paused.
 
     Args:
         model: The model whose blocks get the hooks.
@@ -39,7 +42,8 @@ class BackwardTruncation:
     def __init__(self, model: nn.Module, units: Iterable[Unit]) -> None:
         blocks = [(u.name, u.module) for u in units if u.module is not None]
         self._index = {name: i for i, (name, _) in enumerate(blocks)}
-        self._lowest: int | None = None
+        self._lowest: int | None = None  # index of the highest block whose inputs are detached
+        self._lowest_active = False  # whether that block belongs to the active group
         self._handles: list[RemovableHandle] = []
         for i, (_, path) in enumerate(blocks):
             block = model.get_submodule(path)
@@ -50,15 +54,13 @@ class BackwardTruncation:
         self._paused: dict[int, Any] = {}  # id(block) -> its checkpointing flag
 
     def set_active(self, units: Iterable[Unit]) -> None:
-        """Moves the cut to just below the lowest block among ``units`` (the active group)."""
-        indices = []
-        for u in units:
-            if u.name == EMBED or (u.module is None and u.name != HEAD):
-                self._lowest = None  # training the embedding (or an unknown unit): no cut
-                return
-            if u.name in self._index:
-                indices.append(self._index[u.name])
-        self._lowest = min(indices) if indices else len(self._index)
+        """Moves the cut to just below the active group (``units``): see :attr:`Unit.cut`."""
+        units = list(units)
+        cut = min(group_cut(units), len(self._index))
+        self._lowest = cut - 1 if cut > 0 else None
+        self._lowest_active = self._lowest is not None and any(
+            self._index.get(u.name) == self._lowest for u in units if u.module is not None
+        )
 
     def remove(self) -> None:
         """Removes every hook; the model runs as if HiFT had never touched it."""
@@ -75,12 +77,13 @@ class BackwardTruncation:
         args = tuple(_detached(a) for a in args)
         kwargs = {k: _detached(v) for k, v in kwargs.items()}
         checkpointing = getattr(module, _CHECKPOINTING, False)
-        if index < lowest and checkpointing:
+        active = index == lowest and self._lowest_active
+        if not active and checkpointing:
             # A frozen block below the active ones builds no graph, so checkpointing it only
             # costs time (and a "no input requires grad" warning): pause it for this call.
             self._paused[id(module)] = checkpointing
             setattr(module, _CHECKPOINTING, False)
-        if index == lowest and module.training and checkpointing:
+        if active and module.training and checkpointing:
             if args and torch.is_tensor(args[0]) and args[0].is_floating_point():
                 args = (args[0].detach().requires_grad_(True), *args[1:])
             elif torch.is_tensor(kwargs.get("hidden_states")):

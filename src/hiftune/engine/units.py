@@ -5,12 +5,20 @@ The split is found in three layers, the first that applies wins:
 1. A user override (:attr:`HiFTConfig.units`): regexes of parameter names per unit.
 2. Per-architecture facts in :data:`ARCHITECTURES`, keyed by ``model.config.model_type``, for what a
    walk of the module tree cannot know (e.g. OPT registers its final norm *before* its blocks).
-3. A generic walk: the blocks are the longest run of consecutive sibling modules of one class (a
-   ``ModuleList`` of decoder layers, or a run inside an ``nn.Sequential``); parameters registered
-   before the first block form the embedding unit, those after the last block the head unit.
+3. A generic method: the blocks are the longest run of consecutive sibling modules of one class
+   (a ``ModuleList`` of decoder layers, or a run inside an ``nn.Sequential``), plus every other
+   stack of blocks (``_no_split_modules`` classes, or the same class): an encoder's and a
+   decoder's. One forward pass on a dummy input (:mod:`.trace`) then tells in which order the
+   blocks run and where every other parameter is first used: before the first block (the
+   ``embed`` unit), between two blocks (a ``between.<i>`` unit, e.g. an encoder's final norm and
+   a decoder's position embeddings), or after the last block (``head``). If no forward pass can
+   be run, parameters are placed by registration order.
 
-Everything here is a pure function of the model's structure: no weights are read, so it works on
-the ``meta`` device too (the memory estimator relies on that).
+Each unit also records how many blocks provably run before any of its parameters is used
+(:attr:`Unit.cut`): backward truncation detaches only those blocks' inputs.
+
+No weights are read or changed, so it works on the ``meta`` device too (the memory estimator
+relies on that).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .config import HiFTConfig
+from .trace import Trace, trace_forward
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +74,15 @@ class Unit:
         name: ``"embed"``, ``"layers.<i>"`` or ``"head"`` (or the user's names with an override).
         params: Names of the unit's trainable parameters, as in ``model.named_parameters()``.
         module: Dotted path of the block module for block units, else ``None``.
+        cut: How many blocks (in execution order) run before any parameter of this unit is used:
+            their inputs carry no gradient for it, so backward truncation may detach them. 0 (no
+            cut) when that is not known, e.g. for the units of an override.
     """
 
     name: str
     params: tuple[str, ...]
     module: str | None = field(default=None)
+    cut: int = 0
 
 
 def split_units(model: nn.Module, config: HiFTConfig | None = None) -> list[Unit]:
@@ -121,6 +134,11 @@ def group_units(units: Sequence[Unit], units_per_group: int) -> list[tuple[Unit,
     return [tuple(units[i * units_per_group : (i + 1) * units_per_group]) for i in range(k)]
 
 
+def group_cut(units: Sequence[Unit]) -> int:
+    """How many blocks run before any parameter of the group ``units`` is used (min of the cuts)."""
+    return min((u.cut for u in units), default=0)
+
+
 def group_name(units: Sequence[Unit]) -> str:
     """A readable name for a group: ``"layers.3"`` or ``"layers.2..layers.4"``."""
     return units[0].name if len(units) == 1 else f"{units[0].name}..{units[-1].name}"
@@ -135,7 +153,7 @@ def model_type(model: nn.Module) -> str | None:
 
 
 def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, list[str]]:
-    """Finds the transformer blocks of ``model``.
+    """Finds the main stack of transformer blocks of ``model``.
 
     Args:
         model: The model.
@@ -162,19 +180,8 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, list[st
         if not blocks:
             raise ValueError(f"blocks={path!r} holds no submodules with parameters")
         return path, blocks
-
-    no_split = set(getattr(model, "_no_split_modules", None) or ())
-    best: tuple[tuple[bool, int], str, list[str]] | None = None
-    for prefix, module in model.named_modules():
-        for run in _runs_of_same_class(module):
-            cls_name = type(run[0][1]).__name__
-            score = (cls_name in no_split, len(run))
-            if len(run) < 2 and cls_name not in no_split:
-                continue
-            if best is None or score > best[0]:
-                paths = [f"{prefix}.{name}" if prefix else name for name, _ in run]
-                best = (score, prefix, paths)
-    if best is None:
+    runs = _candidate_runs(model)
+    if not runs:
         children = ", ".join(f"{n} ({type(c).__name__})" for n, c in model.named_children())
         raise ValueError(
             f"hiftune could not find the transformer blocks of {type(model).__name__}: no module "
@@ -183,7 +190,104 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, list[st
             "HiFTConfig(blocks='path.to.blocks'), or give the whole split with "
             "HiFTConfig(units={'embed': [r'embed\\..*'], 'layers.0': [...], ..., 'head': [...]})."
         )
-    return best[1], best[2]
+    best = max(runs, key=lambda r: r.score)  # max() keeps the first of equal scores
+    return best.container, list(best.paths)
+
+
+def find_block_stacks(model: nn.Module, path: str | None = None) -> list[list[str]]:
+    """Finds every stack of blocks of ``model``, in registration order.
+
+    The main stack is :func:`find_blocks`'s. Other stacks are further runs of two or more blocks
+    of a class listed in ``model._no_split_modules``, or of the main stack's class or in a
+    container of the same name (unless the blocks are single layers such as ``nn.Linear``),
+    outside the stacks already found: a decoder's blocks beside an encoder's.
+
+    Args:
+        model: The model.
+        path: Dotted path of the one block container (no other stacks are searched then).
+
+    Returns:
+        The block paths of each stack.
+    """
+    container, main = find_blocks(model, path)
+    hints = ARCHITECTURES.get(model_type(model) or "")
+    if path is not None or (hints is not None and hints.blocks is not None):
+        return [main]
+    runs = _candidate_runs(model)
+    main_run = next(r for r in runs if r.container == container and list(r.paths) == main)
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    chosen = [main_run]
+    for run in sorted(runs, key=lambda r: r.score, reverse=True):
+        # Layers (not single Linear modules) of the main stack's class or in a container of the
+        # same name (``encoder.layers`` / ``decoder.layers`` of two layer classes).
+        alike = (
+            main_run.score[0]
+            and run.score[0]
+            and (run.cls == main_run.cls or _last(run.container) == _last(main_run.container))
+        )
+        if len(run.paths) < 2 or not (run.cls in no_split or alike):
+            continue
+        if any(_overlaps(run, other) for other in chosen):
+            continue
+        chosen.append(run)
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    chosen.sort(key=lambda r: position[r.paths[0]])
+    return [list(r.paths) for r in chosen]
+
+
+@dataclass(frozen=True)
+class _Run:
+    container: str
+    paths: tuple[str, ...]
+    cls: str
+    score: tuple[bool, bool, bool, int]  # nested, two or more, in _no_split_modules, length
+
+
+def _candidate_runs(model: nn.Module) -> list[_Run]:
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    found = []
+    for prefix, module in model.named_modules():
+        for run in _runs_of_same_class(module):
+            cls_name = type(run[0][1]).__name__
+            if len(run) < 2 and cls_name not in no_split:
+                continue
+            paths = tuple(f"{prefix}.{name}" if prefix else name for name, _ in run)
+            # Blocks have submodules: a run of leaves (the q/k/v/o projections inside one
+            # block, the word/position/type embeddings) loses to a run of layers of any length,
+            # and a lone module named in _no_split_modules (an embeddings or self-attention
+            # module some models list there) to a run of two or more layers.
+            nested = any(True for _ in run[0][1].children())
+            score = (nested, len(run) >= 2, cls_name in no_split, len(run))
+            found.append(_Run(prefix, paths, cls_name, score))
+        mixed = _mixed_layers(prefix, module, no_split)
+        if mixed is not None:
+            found.append(mixed)
+    return found
+
+
+def _mixed_layers(prefix: str, module: nn.Module, no_split: set[str]) -> _Run | None:
+    """A ``ModuleList`` of layers of several classes (a hybrid model's attention and Mamba or
+    linear-attention layers), as one run: split by class, each run would hold a few layers."""
+    children = [(n, c) for n, c in module.named_children() if _has_params(c)]
+    classes = {type(c).__name__ for _, c in children}
+    if not isinstance(module, nn.ModuleList) or len(children) < 2 or len(classes) < 2:
+        return None
+    if not all(any(True for _ in c.children()) for _, c in children):
+        return None
+    paths = tuple(f"{prefix}.{name}" if prefix else name for name, _ in children)
+    score = (True, True, bool(classes & no_split), len(paths))
+    return _Run(prefix, paths, "+".join(sorted(classes)), score)
+
+
+def _last(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def _overlaps(a: _Run, b: _Run) -> bool:
+    # One run nested in a block of the other (experts inside a layer), or the same modules.
+    return any(
+        x == y or x.startswith(y + ".") or y.startswith(x + ".") for x in a.paths for y in b.paths
+    )
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -203,18 +307,7 @@ def _runs_of_same_class(module: nn.Module) -> list[list[tuple[str, nn.Module]]]:
     return runs
 
 
-def _split_by_walk(
-    model: nn.Module, named: list[tuple[str, nn.Parameter]], blocks_path: str | None
-) -> list[Unit]:
-    _, block_paths = find_blocks(model, blocks_path)
-    hints = ARCHITECTURES.get(model_type(model) or "", ArchitectureHints())
-
-    unit_of: dict[int, int] = {}  # id(param) -> index into block_paths
-    for i, path in enumerate(block_paths):
-        for p in model.get_submodule(path).parameters():
-            unit_of[id(p)] = i
-    # The input embeddings always open the model, wherever they are registered.
-    embed_ids: set[int] = set()
+def _input_embedding_ids(model: nn.Module) -> set[int]:
     get_inputs = getattr(model, "get_input_embeddings", None)
     if callable(get_inputs):
         try:
@@ -222,15 +315,104 @@ def _split_by_walk(
         except (NotImplementedError, AttributeError):
             emb = None
         if isinstance(emb, nn.Module):
-            embed_ids = {id(p) for p in emb.parameters()}
+            return {id(p) for p in emb.parameters()}
+    return set()
 
+
+def _split_by_walk(
+    model: nn.Module, named: list[tuple[str, nn.Parameter]], blocks_path: str | None
+) -> list[Unit]:
+    block_paths = [p for stack in find_block_stacks(model, blocks_path) for p in stack]
+    owner: dict[int, str] = {}  # id(param) -> path of the block that holds it
+    for path in block_paths:
+        for p in model.get_submodule(path).parameters():
+            owner.setdefault(id(p), path)
+    trace = trace_forward(model, block_paths)
+    if trace is None:
+        return _split_by_registration(model, named, block_paths, owner)
+    hints = ARCHITECTURES.get(model_type(model) or "", ArchitectureHints())
+    embed_ids = _input_embedding_ids(model)
+    order = trace.blocks
+    index = {path: i for i, path in enumerate(order)}
+    n = len(order)
+    blocks: list[list[str]] = [[] for _ in order]
+    gaps: list[list[str]] = [[] for _ in range(n + 1)]  # gaps[s]: used after s blocks started
+    seen_block = False
+    for name, p in named:
+        block = owner.get(id(p))
+        if block is not None:
+            blocks[index[block]].append(name)
+            seen_block = True
+        elif id(p) in embed_ids or any(re.search(r, name) for r in hints.embed):
+            gaps[0].append(name)
+        elif any(re.search(r, name) for r in hints.head):
+            gaps[n].append(name)
+        elif name in trace.first_use:
+            used = trace.first_use[name]
+            gaps[sum(trace.first_start[b] < used for b in order)].append(name)
+        else:  # not used by the dummy forward pass: where it is registered
+            gaps[n if seen_block else 0].append(name)
+
+    def unit(name: str, params: list[str], module: str | None = None) -> Unit:
+        return Unit(name, tuple(params), module, _cut(trace, params, owner, named))
+
+    units = [unit(EMBED, gaps[0])]
+    for i, path in enumerate(order):
+        units.append(unit(f"layers.{i}", blocks[i], path))
+        if i + 1 < n:
+            units.append(unit(f"between.{i + 1}", gaps[i + 1]))
+    units.append(unit(HEAD, gaps[n]))
+    return units
+
+
+def _cut(
+    trace: Trace, params: list[str], owner: dict[int, str], named: list[tuple[str, nn.Parameter]]
+) -> int:
+    """How many blocks, in execution order, provably run before any of ``params`` is used."""
+    if not params:
+        return 0
+    by_name = dict(named)
+    uses = []
+    for name in params:
+        used = trace.first_use.get(name)
+        if used is None:
+            path = owner.get(id(by_name[name]))
+            if path is None:
+                return 0  # never seen in use: nothing is provably safe to cut
+            # A block's parameter the dummy pass did not reach (an expert no token was routed
+            # to) runs inside its block, so no earlier than just after the block starts.
+            used = trace.first_start[path] + 1
+        uses.append(used)
+    first = min(uses)
+    cut = 0
+    # Every call of a block must start before the first use: a block called again later (a
+    # shared block) may carry a gradient path then.
+    while cut < len(trace.blocks) and trace.last_start[trace.blocks[cut]] < first:
+        cut += 1
+    return cut
+
+
+def _split_by_registration(
+    model: nn.Module,
+    named: list[tuple[str, nn.Parameter]],
+    block_paths: list[str],
+    owner: dict[int, str],
+) -> list[Unit]:
+    """The split without a forward pass: non-block parameters placed by registration order.
+
+    Only block units get a cut (their parameters run inside them); the embedding and head units
+    get none, since where their parameters run is not known.
+    """
+    hints = ARCHITECTURES.get(model_type(model) or "", ArchitectureHints())
+    embed_ids = _input_embedding_ids(model)
+    index = {path: i for i, path in enumerate(block_paths)}
     embed: list[str] = []
     head: list[str] = []
     blocks: list[list[str]] = [[] for _ in block_paths]
     seen_block = False
     for name, p in named:
-        if id(p) in unit_of:
-            blocks[unit_of[id(p)]].append(name)
+        if id(p) in owner:
+            blocks[index[owner[id(p)]]].append(name)
             seen_block = True
         elif id(p) in embed_ids or any(re.search(r, name) for r in hints.embed):
             embed.append(name)
@@ -240,7 +422,7 @@ def _split_by_walk(
             embed.append(name)
     return [
         Unit(EMBED, tuple(embed)),
-        *(Unit(f"layers.{i}", tuple(b), block_paths[i]) for i, b in enumerate(blocks)),
+        *(Unit(f"layers.{i}", tuple(b), block_paths[i], i + 1) for i, b in enumerate(blocks)),
         Unit(HEAD, tuple(head)),
     ]
 

@@ -1,0 +1,253 @@
+"""One forward pass, watched: when each block runs and when each parameter is first used.
+
+The unit split (:mod:`.units`) places a parameter by where it *runs* relative to the blocks, not by
+where it is registered: BART registers its embedding layer norm after the layers but uses it before
+them, and an encoder-decoder runs a whole second stack of blocks after the first. This module
+finds that out by running the model once on a tiny dummy input:
+
+* first on a ``meta`` copy of the model (shapes only: no memory, no compute, the user's model is
+  not even called);
+* if that fails (data-dependent code such as mixture-of-experts routing cannot run on ``meta``),
+  on the model itself, under ``torch.no_grad()`` in eval mode with a forked RNG, restoring every
+  module's training flag and removing every hook afterwards, so no weight, buffer or RNG changes;
+* if that fails too (an input the model does not take), :func:`trace_forward` returns ``None``
+  and the caller falls back to registration order.
+
+A parameter counts as *used* when it is an argument of a torch operation (a
+:class:`~torch.overrides.TorchFunctionMode` sees every one); reading its shape, dtype or device
+does not count. Nothing here imports ``transformers``: Hugging Face models are recognised by duck
+typing (``config.vocab_size``, ``get_input_embeddings``, the forward signature).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+logger = logging.getLogger(__name__)
+
+#: Tensor methods that read metadata only: a parameter passed to them is not *used*.
+_METADATA = frozenset(
+    {
+        "__get__",
+        "size",
+        "dim",
+        "numel",
+        "nelement",
+        "stride",
+        "data_ptr",
+        "element_size",
+        "is_floating_point",
+        "is_complex",
+        "is_contiguous",
+        "get_device",
+        "__len__",
+        "__hash__",
+        "__eq__",
+        "__format__",
+        "__repr__",
+    }
+)
+
+#: What a meta tensor cannot answer (see :class:`_Uses`).
+_TRUTH = (torch.Tensor.__bool__, torch.Tensor.item)
+
+#: Length of the dummy sequence (shortened to the model's position limit if that is smaller).
+_SEQ_LEN = 8
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What one forward pass showed, in event ticks (a counter over operations and block calls).
+
+    Attributes:
+        blocks: The block paths in the order their first call started.
+        first_start: Tick of each block's first call (pre-hook).
+        last_start: Tick of each block's last call: a block called again later (a shared block)
+            must not be cut off from anything used before that later call.
+        first_use: Tick of each parameter's first use, by name (absent: not used in this pass).
+        device: ``"meta"`` or the device the model ran on.
+    """
+
+    blocks: tuple[str, ...]
+    first_start: dict[str, int]
+    last_start: dict[str, int]
+    first_use: dict[str, int]
+    device: str
+
+
+def trace_forward(model: nn.Module, block_paths: Sequence[str]) -> Trace | None:
+    """Runs ``model`` once on a dummy input and records the blocks' and parameters' timing.
+
+    Args:
+        model: The model (on any device, ``meta`` included).
+        block_paths: Dotted paths of its block modules.
+
+    Returns:
+        The :class:`Trace`, or ``None`` if neither a ``meta`` copy nor the model itself could run
+        on a dummy input, or if some block was never called.
+    """
+    errors = []
+    for runner in (_run_on_meta_copy, _run_in_place):
+        try:
+            trace = runner(model, block_paths)
+        except Exception as e:  # any failure of a dummy forward means: no trace, fall back
+            errors.append(f"{runner.__name__}: {type(e).__name__}: {e}")
+            continue
+        if trace is not None and len(trace.blocks) == len(block_paths):
+            return trace
+        errors.append(f"{runner.__name__}: some blocks were not called")
+    logger.info(
+        "could not trace a forward pass of %s (%s); units follow registration order",
+        type(model).__name__,
+        "; ".join(e.splitlines()[0][:200] for e in errors),
+    )
+    return None
+
+
+def _run_on_meta_copy(model: nn.Module, block_paths: Sequence[str]) -> Trace | None:
+    meta_model = model
+    if any(p.device.type != "meta" for p in model.parameters()):
+        # Deep-copy the module tree with every parameter and buffer replaced by a meta tensor of
+        # the same shape (via deepcopy's memo), so no weight is copied and ties stay ties.
+        memo: dict[int, Any] = {}
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for b in model.buffers():
+            memo[id(b)] = torch.empty_like(b, device="meta")
+        meta_model = copy.deepcopy(model, memo)
+        for m in meta_model.modules():
+            # The user's hooks (a logger, a previous optimizer's) must not run for a dummy pass.
+            for hooks in (m._forward_pre_hooks, m._forward_hooks, m._backward_hooks):
+                hooks.clear()
+    return _run(meta_model, block_paths, torch.device("meta"))
+
+
+def _run_in_place(model: nn.Module, block_paths: Sequence[str]) -> Trace | None:
+    first = next(model.parameters(), None)
+    if first is None or first.device.type == "meta":
+        return None  # a meta model that could not run on meta cannot run at all
+    with torch.random.fork_rng(devices=[]):
+        return _run(model, block_paths, first.device)
+
+
+def _run(model: nn.Module, block_paths: Sequence[str], device: torch.device) -> Trace | None:
+    call = _dummy_call(model, device)
+    if call is None:
+        return None
+    names = {id(p): n for n, p in model.named_parameters()}
+    tick = [0]
+    first_start: dict[str, int] = {}
+    last_start: dict[str, int] = {}
+    first_use: dict[str, int] = {}
+
+    def on_start(path: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            first_start.setdefault(path, tick[0])
+            last_start[path] = tick[0]
+            tick[0] += 1
+
+        return hook
+
+    training = {m: m.training for m in model.modules()}
+    handles = [
+        model.get_submodule(path).register_forward_pre_hook(on_start(path)) for path in block_paths
+    ]
+    try:
+        model.eval()
+        with torch.no_grad(), _Uses(names, first_use, tick):
+            call()
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in training.items():
+            m.training = flag
+    order = tuple(sorted(first_start, key=first_start.__getitem__))
+    return Trace(order, first_start, last_start, first_use, device.type)
+
+
+class _Uses(TorchFunctionMode):
+    """Records the first tick at which each watched parameter is an argument of an operation."""
+
+    def __init__(self, names: dict[int, str], first_use: dict[str, int], tick: list[int]) -> None:
+        super().__init__()
+        self._names = names
+        self._first_use = first_use
+        self._tick = tick
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") not in _METADATA:
+            for value in tree_flatten((args, kwargs))[0]:
+                name = self._names.get(id(value)) if isinstance(value, nn.Parameter) else None
+                if name is not None and name not in self._first_use:
+                    self._first_use[name] = self._tick[0]
+        self._tick[0] += 1
+        if func in _TRUTH and args and getattr(args[0], "is_meta", False):
+            # A meta tensor has no values. The model asks for one only to pick a shortcut (is
+            # the mask all ones, is the batch packed); for the dummy input (no padding, one
+            # sequence) the answer is "yes", and no answer changes which parameters run.
+            return True if func is not torch.Tensor.item else 1
+        return func(*args, **kwargs)
+
+
+def _dummy_call(model: nn.Module, device: torch.device) -> Callable[[], Any] | None:
+    """A call of ``model`` on a tiny token input, or ``None`` if the model takes no token ids."""
+    vocab = _vocab_size(model)
+    if vocab is None:
+        return None
+    length = _SEQ_LEN
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, attr, None)
+        if isinstance(limit, int) and 2 <= limit < length:
+            length = limit
+    # Token ids 1..L (wrapped into the vocabulary): real ids, and not the usual padding id 0.
+    ids = (torch.arange(1, length + 1) % vocab).unsqueeze(0).to(device)
+    try:
+        signature = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if "input_ids" not in signature:
+        return lambda: model(ids)
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if "attention_mask" in signature:
+        # An explicit all-ones mask spares the model from inspecting the ids (for padding or
+        # packed sequences), which a meta tensor cannot answer.
+        kwargs["attention_mask"] = torch.ones_like(ids)
+    if "decoder_input_ids" in signature:
+        kwargs["decoder_input_ids"] = ids
+    if "use_cache" in signature:
+        kwargs["use_cache"] = False
+    return lambda: model(**kwargs)
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(size, int) and size > 1:
+        return size
+    get_inputs = getattr(model, "get_input_embeddings", None)
+    embedding: Any = None
+    if callable(get_inputs):
+        try:
+            embedding = get_inputs()
+        except (NotImplementedError, AttributeError):
+            embedding = None
+    if not isinstance(embedding, nn.Embedding):
+        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
