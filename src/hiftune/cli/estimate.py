@@ -7,26 +7,13 @@ import json
 
 from ..engine.config import PRECISIONS
 from ..engine.optimizers import OPTIMIZERS
-from ..memory.configs import CONFIGS, TASK_HEADS
 from ..memory.estimate import DEFAULT_PRECISIONS, HIFT_MIXED, build_meta_model, estimate, render
-from .types import comma_list
+from .types import add_model_arguments, comma_list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the arguments of ``hiftune estimate``."""
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help=f"a preset ({', '.join(CONFIGS)}) or a Hugging Face config.json (file or directory)",
-    )
-    parser.add_argument(
-        "--task",
-        choices=tuple(TASK_HEADS),
-        default="causal-lm",
-        help="what the model is trained for: causal-lm, prompt-cls and sft build a causal LM "
-        "with its LM head (the names of hiftune train), seq-cls a classification head "
-        "(default causal-lm)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--num-labels", type=int, default=2, help="classes of the seq-cls head (default 2)"
     )

@@ -6,29 +6,18 @@ import argparse
 import json
 
 from ..engine.config import ORDERS, PRECISIONS
-from ..memory.configs import CONFIGS, TASK_HEADS, head_of
+from ..memory.configs import head_of
 from ..memory.estimate import build_meta_model
 from ..memory.inspect import Inspection, inspect_split
 from ..memory.render import markdown_table
-from .types import positive_int
+from .types import add_model_arguments, positive_int
 
 MiB = 2**20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the arguments of ``hiftune inspect``."""
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help=f"a preset ({', '.join(CONFIGS)}) or a Hugging Face config.json (file or directory)",
-    )
-    parser.add_argument(
-        "--task",
-        choices=tuple(TASK_HEADS),
-        default="causal-lm",
-        help="what the model is trained for: causal-lm, prompt-cls and sft build a causal LM "
-        "with its LM head, seq-cls a classification head (default causal-lm)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--num-labels", type=positive_int, default=2, help="classes of the seq-cls head (default 2)"
     )

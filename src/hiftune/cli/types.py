@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from ..memory.configs import CONFIGS, TASK_HEADS
+
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
@@ -30,3 +32,20 @@ def comma_list(choices: Sequence[str] | None = None) -> Callable[[str], list[str
         return items
 
     return parse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model of the memory tools (``estimate``, ``inspect``): a preset or a config, and a task."""
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help=f"a preset ({', '.join(CONFIGS)}) or a Hugging Face config.json (file or directory)",
+    )
+    parser.add_argument(
+        "--task",
+        choices=tuple(TASK_HEADS),
+        default="causal-lm",
+        help="what the model is trained for: causal-lm, prompt-cls and sft build a causal LM "
+        "with its LM head (the names of hiftune train), seq-cls a classification head "
+        "(default causal-lm)",
+    )
