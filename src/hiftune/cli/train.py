@@ -33,9 +33,17 @@ INTERRUPTED = 130
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``hiftune train`` options (all optional; defaults are the bundled recipe)."""
-    S = argparse.SUPPRESS  # unset flags stay absent, so a config file's values are not overridden
-    d = TrainRecipeConfig()
+    # Every flag defaults to argparse.SUPPRESS: unset flags stay absent from the namespace, so a
+    # config file's values are not overridden by defaults.
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    _add_model_data_arguments(parser)
+    _add_training_arguments(parser)
+
+
+def _add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say which model, which data and which task."""
+    S = argparse.SUPPRESS
+    d = TrainRecipeConfig()
     g = parser.add_argument_group("model and data")
     presets = ", ".join(f"{k} ({v.description})" for k, v in PRESETS.items())
     g.add_argument(
@@ -88,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=S,
         help="evaluate the fine-tuned model on this split too (e.g. validation for a search)",
     )
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of training, HiFT and the output."""
+    S = argparse.SUPPRESS
+    d = TrainRecipeConfig()
     g = parser.add_argument_group("training")
     g.add_argument(
         "--method",
