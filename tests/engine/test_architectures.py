@@ -1,21 +1,27 @@
 """The unit split across ``transformers`` architectures: tiny models from their default configs.
 
 For each architecture (decoder LLMs incl. mixtures of experts, encoders, encoder-decoders), with
-m = 1: every trainable parameter is in exactly one group, no group holds two blocks, every block
-of every stack is a unit, one cycle updates every parameter the loss reaches exactly once, frozen
-blocks below the active one build no graph (even with a grad-requiring embedding output, as
-gradient checkpointing makes it), and a single group equals the plain optimizer.
+m = 1, with the default split and with the paper's (``max_unit_params=None``): every trainable
+parameter (every row of a sharded one) is in exactly one group, no group holds parts of two blocks,
+every block of every stack is covered, one cycle updates every parameter (row) the loss reaches
+exactly once, frozen blocks below the active one build no graph (even with a grad-requiring
+embedding output, as gradient checkpointing makes it), and a single group equals the plain
+optimizer. The tiny configs' vocabularies are small, so the default split seldom differs from the
+paper's there; a budget of half a block (blocks into sub-units, embeddings and heads into row
+shards) runs on a subset that covers each kind of model.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
 from torch import nn
 
 from hiftune import HiFTConfig, HiFTOptimizer, split_units
+from hiftune.engine.units import unit_numel
 from tinymodels import tiny_auto_model
 
 #: (model_type, head, number of blocks over all stacks).
@@ -55,6 +61,10 @@ ARCHS = [
     *((t, "seq2seq-lm", 4) for t in ("t5", "mt5", "bart", "mbart", "pegasus", "marian")),
 ]
 
+#: Architectures that also run with a budget of half their largest block: dense and MoE decoders,
+#: GPT-2's Conv1D, a hybrid, a tied embedding, encoders, encoder-decoders (T5's shared bias table).
+HALF_BLOCK = {"llama", "gemma", "gpt2", "mixtral", "qwen2_moe", "olmo_hybrid", "bert", "t5", "bart"}
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -81,75 +91,137 @@ def _first_tensor(out: object) -> torch.Tensor | None:
     return None
 
 
+def _rows(shape: torch.Size) -> int:
+    return shape[0] if len(shape) else 1
+
+
+def _check_partition(model: nn.Module, units, n_blocks: int) -> None:
+    """Every row of every trainable parameter in exactly one unit; blocks covered, never mixed."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    cover: dict[str, list[tuple[int, int]]] = {n: [] for n in named}
+    for u in units:
+        assert len(set(u.params)) == len(u.params), u.name
+        for n in u.params:
+            cover[n].append(u.rows.get(n, (0, _rows(named[n].shape))))
+    for n, ranges in cover.items():
+        ranges.sort()
+        assert ranges and ranges[0][0] == 0 and ranges[-1][1] == _rows(named[n].shape), n
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges)), (n, ranges)
+    # Each block's parameters lie exactly in the units of that block, which hold nothing else.
+    blocks = list(dict.fromkeys(u.module for u in units if u.module is not None))
+    assert len(blocks) == n_blocks, [u.name for u in units]
+    in_blocks: set[int] = set()
+    for path in blocks:
+        own = {id(p) for p in model.get_submodule(path).parameters() if p.requires_grad}
+        assert {id(named[n]) for u in units if u.module == path for n in u.params} == own
+        in_blocks |= own
+    assert not any(id(named[n]) in in_blocks for u in units if u.module is None for n in u.params)
+
+
+def _grad_rows(p: nn.Parameter) -> torch.Tensor:
+    """Which rows of ``p`` have a gradient above rounding noise."""
+    # A mixture-of-experts router that renormalises the weights of all its experts gets
+    # gradients of ~1e-11, which an SGD step cannot change a weight by.
+    if p.grad is None:
+        return torch.zeros(_rows(p.shape), dtype=torch.bool)
+    return p.grad.abs().reshape(_rows(p.shape), -1).amax(dim=1) > 1e-6
+
+
 def _reached(model: nn.Module, batch: dict[str, torch.Tensor]) -> set[str]:
     """Names of the parameters the loss gives a gradient (plain backward, on a copy)."""
     twin = copy.deepcopy(model)
     twin(**batch).loss.backward()
-    # Above rounding noise: a mixture-of-experts router that renormalises the weights of all its
-    # experts gets gradients of ~1e-11, which an SGD step cannot change a weight by.
-    return {
-        n for n, p in twin.named_parameters() if p.grad is not None and p.grad.abs().max() > 1e-6
-    }
+    return {n for n, p in twin.named_parameters() if _grad_rows(p).any()}
 
 
-@pytest.mark.parametrize(("model_type", "head", "n_blocks"), ARCHS, ids=lambda v: str(v))
-def test_architecture(model_type, head, n_blocks):
+def _changed_rows(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    rows = _rows(before.shape)
+    return (before.reshape(rows, -1) != after.detach().reshape(rows, -1)).any(dim=1)
+
+
+# Every architecture with the default and the paper's split; the half-block budget (every block
+# split into its modules) on a subset, to keep the file fast.
+CASES = [
+    pytest.param(*arch, split, id=f"{arch[0]}-{arch[1]}-{split}")
+    for arch in ARCHS
+    for split in ("default", "paper", "half-block")
+    if split != "half-block" or arch[0] in HALF_BLOCK
+]
+
+
+@pytest.mark.parametrize(("model_type", "head", "n_blocks", "split"), CASES)
+def test_architecture(model_type, head, n_blocks, split):
     pytest.importorskip("transformers")
     model = tiny_auto_model(model_type, head).eval()  # eval: no dropout, runs are comparable
     batch = _batch(model, head)
-    units = split_units(model)
+    budget: int | str | None = {"default": "auto", "paper": None}.get(split)
+    if split == "half-block":
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        paper = split_units(model, HiFTConfig(max_unit_params=None))
+        budget = max(unit_numel(u, shapes) for u in paper if u.module is not None) // 2
+    config = HiFTConfig(offload="none", max_unit_params=budget)
+    units = split_units(model, config)
+    if split == "default" and units == split_units(model, HiFTConfig(max_unit_params=None)):
+        return  # the same split as the paper's, which its own case trains
+    _check_partition(model, units, n_blocks)
+    if split == "half-block":
+        assert any(u.parent is not None and u.module is not None for u in units)  # sub-units
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    # Every trainable parameter in exactly one unit; each block unit is exactly one block.
-    placed = [n for u in units for n in u.params]
-    assert sorted(placed) == sorted(named)
-    blocks = [u for u in units if u.module is not None]
-    assert len(blocks) == n_blocks, [u.name for u in units]
-    in_blocks: set[int] = set()
-    for u in blocks:
-        own = {id(p) for p in model.get_submodule(u.module).parameters() if p.requires_grad}
-        assert {id(named[n]) for n in u.params} == own
-        in_blocks |= own
-    assert not any(id(named[n]) in in_blocks for u in units if u.module is None for n in u.params)
 
     reached = _reached(model, batch)
     single = copy.deepcopy(model)
     plain = copy.deepcopy(model)
 
-    # One cycle, m = 1: each parameter the loss reaches changes in exactly one step, and the
-    # blocks below the active one build no graph although the embedding output requires grad.
+    # One cycle, m = 1: each parameter the loss reaches gets a gradient when its group trains,
+    # each row with a gradient then changes in exactly that one step, and the blocks below the
+    # active one build no graph although the embedding output requires grad. (Rows, not whole
+    # parameters: the weights below change during the cycle, and with them which ReLU rows of a
+    # block above are dead when its turn comes.)
     # (Not requires_grad_() on the output: a model scaling it in place would meet a leaf.)
     model.get_input_embeddings().register_forward_hook(
         lambda m, a, out: out if out.requires_grad else out * torch.ones((), requires_grad=True)
     )
+    blocks = list(dict.fromkeys(u.module for u in units if u.module is not None))
     needs_grad: dict[str, bool] = {}
-    for u in blocks:
-        model.get_submodule(u.module).register_forward_hook(
-            lambda m, a, out, name=u.name: needs_grad.__setitem__(
-                name, bool(getattr(_first_tensor(out), "requires_grad", False))
+    for path in blocks:
+        model.get_submodule(path).register_forward_hook(
+            lambda m, a, out, path=path: needs_grad.__setitem__(
+                path, bool(getattr(_first_tensor(out), "requires_grad", False))
             )
         )
-    opt = HiFTOptimizer(model, torch.optim.SGD, HiFTConfig(offload="none"), lr=0.5)
-    changed = {n: 0 for n in named}
+    opt = HiFTOptimizer(model, torch.optim.SGD, config, lr=0.5)
+    changed = {n: torch.zeros(_rows(p.shape), dtype=torch.long) for n, p in named.items()}
+    expected = {n: torch.zeros(_rows(p.shape), dtype=torch.bool) for n, p in named.items()}
     for step in range(opt.num_groups):
         group = opt._group_units[opt._order[opt.active_group]]
+        active = {u.module for u in group if u.module is not None}
+        assert len(active) <= 1, [u.name for u in group]  # never parts of two blocks
         before = {n: p.detach().clone() for n, p in named.items()}
         model(**batch).loss.backward()
-        active = [u.name for u in group if u.module is not None]
         if active:
-            lowest = [u.name for u in blocks].index(active[0])
-            assert [needs_grad[u.name] for u in blocks[:lowest]] == [False] * lowest, step
+            lowest = blocks.index(active.pop())
+            assert [needs_grad[p] for p in blocks[:lowest]] == [False] * lowest, step
+        for u in group:
+            for n in u.params:
+                start, stop = u.rows.get(n, (0, _rows(named[n].shape)))
+                expected[n][start:stop] |= _grad_rows(named[n])[start:stop]
         opt.step()
         opt.zero_grad()
         for n, p in named.items():
-            changed[n] += not torch.equal(before[n], p)
-    wrong = {n: c for n, c in changed.items() if c > 1 or (n in reached and c != 1)}
-    assert wrong == {}, f"changed this many times in one cycle: {wrong}"
+            changed[n] += _changed_rows(before[n], p)
+    wrong = {
+        n: c.tolist() for n, c in changed.items() if (c > 1).any() or (c[expected[n]] != 1).any()
+    }
+    assert wrong == {}, f"rows changed this many times in one cycle: {wrong}"
     assert reached, "the loss reaches no parameter"
+    assert [n for n in reached if n in named and not changed[n].any()] == []  # cut off
 
     # A single group is the plain optimizer.
     one = HiFTOptimizer(
-        single, torch.optim.AdamW, HiFTConfig(units_per_group=len(units), offload="none"), lr=1e-2
+        single,
+        torch.optim.AdamW,
+        HiFTConfig(units_per_group=len(units), offload="none", max_unit_params=budget),
+        lr=1e-2,
     )
     ref = torch.optim.AdamW(plain.parameters(), lr=1e-2)
     for _ in range(2):

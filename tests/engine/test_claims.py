@@ -28,7 +28,7 @@ def test_close_hands_the_model_back_whole():
     # close() hands the model back whole: trainable again, no truncation hooks left.
     assert all(p.requires_grad for p in model.parameters()) and _hooks(model) == 0
     again = HiFTOptimizer(model, torch.optim.SGD, lr=0.1)
-    assert again.num_groups == opt.num_groups == 6
+    assert again.num_groups == opt.num_groups == 7
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -60,7 +60,7 @@ def test_an_optimizer_dropped_without_close_is_undone_on_the_next_wrap():
     assert sum(p.requires_grad for p in model.parameters()) < 4  # still frozen by the dead one
     with pytest.warns(UserWarning, match="without close"):
         again = HiFTOptimizer(model, torch.optim.SGD, lr=0.1)
-    assert again.num_groups == 6 and _hooks(model) == 2 * len(model.blocks)  # one hook pair each
+    assert again.num_groups == 7 and _hooks(model) == 2 * len(model.blocks)  # one hook pair each
     _assert_a_cycle_changes_every_parameter(model, again)
 
 

@@ -16,6 +16,11 @@ from hiftune import HiFTConfig
         ({"offload_dir": "/tmp/x"}, "only used with offload='disk'"),
         ({"init_loss_scale": 0}, "init_loss_scale must be > 0"),
         ({"units": {"a": [".*"]}, "blocks": "layers"}, "not both"),
+        ({"group_by": "bytes"}, "group_by must be one of count, size"),
+        ({"max_unit_params": 0}, "max_unit_params must be 'auto', None or an integer >= 1"),
+        ({"max_unit_params": "block"}, "max_unit_params must be"),
+        ({"max_unit_params": True}, "max_unit_params must be"),
+        ({"max_unit_params": 2.5e6}, "max_unit_params must be"),
     ],
 )
 def test_bad_values_raise_value_error(kwargs, message):
@@ -31,5 +36,8 @@ def test_defaults_and_to_dict():
         "host",
         "fp32",
     )
+    assert (cfg.group_by, cfg.max_unit_params) == ("count", "auto")
+    for budget in ("auto", None, 1):
+        assert HiFTConfig(max_unit_params=budget).max_unit_params == budget
     d = HiFTConfig(units={"a": (".*",)}).to_dict()
     assert d["units"] == {"a": [".*"]}

@@ -1,5 +1,6 @@
 """Data parallelism without DDP: HiFT averages the active group's gradients over ranks."""
 
+import io
 import os
 import socket
 
@@ -9,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hiftune import HiFTConfig, HiFTOptimizer
+from hiftune.engine.units import split_units
 from tinymodels import TinyLM, lm_loss
 
 STEPS = 8
@@ -58,6 +60,117 @@ def test_two_ranks_match_one_process_on_the_full_batch(tmp_path):
     for n, p in reference.items():
         assert torch.equal(ranks[0][n], ranks[1][n]), n  # the ranks stay in lockstep
         torch.testing.assert_close(ranks[0][n], p, atol=1e-5, rtol=1e-4, msg=n)
+
+
+K = len(split_units(TinyLM()))  # groups of one unit each
+CYCLES2 = 2 * K
+SAVE_AT = K + 2  # mid-cycle
+
+
+def _batches():
+    g = torch.Generator().manual_seed(4)
+    return [torch.randint(0, 32, (4, 12), generator=g) for _ in range(CYCLES2)]
+
+
+def _run(model, opt, data, rows, steps):
+    for s in steps:
+        lm_loss(model, data[s][rows]).backward()
+        opt.clip_grad_norm_(0.5)
+        opt.step()
+        opt.zero_grad()
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _sharding_worker(rank, world, port, out, optimizer):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    data = _batches()
+    rows = slice(rank * 2, rank * 2 + 2)
+    result = {}
+    for shard in (False, True):
+        torch.manual_seed(0)
+        model = TinyLM()
+        config = HiFTConfig(shard_state=shard)
+        opt = HiFTOptimizer(model, optimizer, config, lr=1e-2)
+        _run(model, opt, data, rows, range(SAVE_AT))
+        saved_weights = _snapshot(model)
+        checkpoint = io.BytesIO()
+        torch.save(opt.state_dict(), checkpoint)  # with shard_state: a collective
+        _run(model, opt, data, rows, range(SAVE_AT, CYCLES2))
+        result[shard] = {
+            "weights": _snapshot(model),
+            "stored": opt.store.resident_bytes(),
+            "checkpoint": checkpoint.getvalue(),
+            "saved_weights": saved_weights,
+        }
+        opt.close()
+        # Resume mid-cycle from the checkpoint, in the same mode.
+        model = TinyLM()
+        model.load_state_dict(saved_weights)
+        opt = HiFTOptimizer(model, optimizer, config, lr=1e-2)
+        checkpoint.seek(0)
+        opt.load_state_dict(torch.load(checkpoint, weights_only=True))
+        _run(model, opt, data, rows, range(SAVE_AT, CYCLES2))
+        result[shard]["resumed"] = _snapshot(model)
+        opt.close()
+    torch.save(result, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+class Adamish(torch.optim.Optimizer):
+    """An optimizer hiftune has never seen (sign of a momentum), to show "any optimizer"."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("m", torch.zeros_like(p))
+                m.mul_(0.9).add_(p.grad)
+                p.add_(m.sign(), alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, Adamish])
+def test_sharded_state_equals_unsharded_with_half_the_state_per_rank(tmp_path, optimizer):
+    out = str(tmp_path / "r")
+    mp.start_processes(
+        _sharding_worker, args=(2, _free_port(), out, optimizer), nprocs=2, start_method="spawn"
+    )
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    for got in ranks:
+        for n, p in got[False]["weights"].items():
+            assert torch.equal(got[True]["weights"][n], p), n  # bit for bit
+            assert torch.equal(got[True]["resumed"][n], p), n  # resumed mid-cycle: exact
+            assert torch.equal(got[False]["resumed"][n], p), n
+    # Each rank stores only the groups it owns (b % 2 == rank); together, everything once.
+    full = ranks[0][False]["stored"]
+    assert ranks[1][False]["stored"] == full > 0
+    shares = [got[True]["stored"] for got in ranks]
+    assert sum(shares) == full
+    assert max(shares) <= 0.6 * full
+    # The checkpoints of both modes hold the same (full) state: one loads into the other, or into
+    # one process (another number of ranks).
+    torch.manual_seed(0)
+    model = TinyLM()
+    model.load_state_dict(ranks[0][True]["saved_weights"])
+    opt = HiFTOptimizer(model, optimizer, HiFTConfig(), lr=1e-2)
+    opt.load_state_dict(torch.load(io.BytesIO(ranks[0][True]["checkpoint"]), weights_only=True))
+    _run(model, opt, _batches(), slice(None), range(SAVE_AT, CYCLES2))
+    for n, p in _snapshot(model).items():
+        torch.testing.assert_close(p, ranks[0][True]["weights"][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_shard_state_is_validated():
+    with pytest.raises(ValueError, match="shard_state"):
+        HiFTConfig(shard_state=True, precision="bf16")
 
 
 def test_sync_gradients_is_validated():

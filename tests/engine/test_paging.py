@@ -153,3 +153,29 @@ def test_flush_of_memory_stores_changes_nothing(store_cls):
     store.put(0, {"a": t})
     store.flush()
     assert 0 in store and torch.equal(store.get(0)["a"], t)
+
+
+@pytest.mark.parametrize("store_cls", [HostStore, DiskStore])
+def test_sharded_tensors_round_trip_through_their_local_shard(tmp_path, store_cls):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        full = torch.arange(12.0).reshape(4, 3)
+        sharded = distribute_tensor(full, mesh, [Shard(0)])
+        store = store_cls() if store_cls is HostStore else store_cls(tmp_path / "state")
+        store.put(0, {"state.0.exp_avg": sharded, "state.0.step": torch.tensor(3.0)})
+        peeked = store.peek(0)["state.0.exp_avg"]
+        back = store.get(0)
+        for t in (peeked, back["state.0.exp_avg"]):
+            assert isinstance(t, DTensor) and t.placements == (Shard(0),)
+            assert torch.equal(t.full_tensor(), full)
+        assert not isinstance(back["state.0.step"], DTensor)
+        store.close()
+    finally:
+        dist.destroy_process_group()

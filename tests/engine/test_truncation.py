@@ -16,8 +16,9 @@ def _count_block_calls(model):
     return calls
 
 
+@pytest.mark.parametrize("budget", [None, 1000])  # 1000: each block in sub-units (attention, MLP)
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_no_graph_below_the_lowest_active_block(checkpointing):
+def test_no_graph_below_the_lowest_active_block(checkpointing, budget):
     T = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(tiny_hf_config("llama"))
@@ -26,7 +27,8 @@ def test_no_graph_below_the_lowest_active_block(checkpointing):
         # HF makes the embedding output require grad here, which would build the graph through
         # every frozen block; hiftune's hooks must undo that below the active block.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    opt = HiFTOptimizer(model, torch.optim.SGD, HiFTConfig(offload="none"), lr=0.1)
+    config = HiFTConfig(offload="none", max_unit_params=budget)
+    opt = HiFTOptimizer(model, torch.optim.SGD, config, lr=0.1)
     outputs_need_grad = [None] * 3
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_hook(
@@ -36,17 +38,32 @@ def test_no_graph_below_the_lowest_active_block(checkpointing):
         )
     calls = _count_block_calls(model)
     ids = torch.randint(0, 64, (2, 8))
-    opt.step()  # embed -> layers.0
-    opt.step()  # layers.0 -> layers.1
-    assert opt.group_names[opt.active_group] == "layers.1"
-    calls[:] = [0, 0, 0]
-    model(input_ids=ids, labels=ids).loss.backward()
-    assert outputs_need_grad == [False, True, True]
-    # With checkpointing, blocks that build a graph run again in backward; layers.0 must not.
-    assert calls == ([1, 2, 2] if checkpointing else [1, 1, 1])
-    # The active block still gets its gradients (reentrant checkpointing needs a grad input).
-    active = [p for n, p in model.named_parameters() if n in set(opt.groups[opt.active_group])]
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in active)
+    while not opt.group_names[opt.active_group].startswith("layers.1"):
+        opt.step()  # embed, layers.0 (or their pieces) -> layers.1
+    trained = []
+    while opt.group_names[opt.active_group].startswith("layers.1"):
+        trained.append(opt.group_names[opt.active_group])
+        calls[:] = [0, 0, 0]
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert outputs_need_grad == [False, True, True]
+        # With checkpointing, blocks that build a graph run again in backward; layers.0 not.
+        assert calls == ([1, 2, 2] if checkpointing else [1, 1, 1])
+        # The active block (or part of it) still gets its gradients (reentrant checkpointing
+        # needs a grad-requiring input).
+        names = set(opt.groups[opt.active_group])
+        active = [p for n, p in model.named_parameters() if n in names]
+        assert active and all(p.grad is not None and p.grad.abs().sum() > 0 for p in active)
+        opt.step()
+        opt.zero_grad()
+    if budget is None:
+        assert trained == ["layers.1"]
+    else:  # attention with its norms, then the MLP's projections, in the order they run
+        assert trained == [
+            "layers.1.input_layernorm+self_attn+post_attention_layernorm",
+            "layers.1.mlp.gate_proj",
+            "layers.1.mlp.up_proj",
+            "layers.1.mlp.down_proj",
+        ]
 
 
 def test_truncation_hooks_are_removed_on_close(tiny_lm):
@@ -72,9 +89,8 @@ def test_a_grad_requiring_input_builds_no_graph_below_the_active_block(tiny_lm, 
             lambda m, args, out, i=i: seen.append((i, out.requires_grad, m.gradient_checkpointing)),
             prepend=True,
         )
-    for _ in range(3):
+    while opt.group_names[opt.active_group] != "layers.2":
         opt.step()  # embed, layers.0, layers.1 -> layers.2
-    assert opt.group_names[opt.active_group] == "layers.2"
     lm_loss(tiny_lm, batches[0]).backward()
     # Below the active block: no graph, and checkpointing paused for the call.
     assert seen == [(0, False, False), (1, False, False), (2, True, True), (3, True, True)]

@@ -1,6 +1,7 @@
 """The unit split: Hugging Face families (skipped without transformers), custom stacks, overrides."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -8,10 +9,28 @@ from torch import nn
 
 from hiftune import HiFTConfig, HiFTOptimizer, split_units
 from hiftune.engine import trace
-from hiftune.engine.units import find_blocks, group_units
+from hiftune.engine.subunits import row_shards
+from hiftune.engine.units import Unit, balanced_bounds, find_blocks, group_units, unit_numel
 from tinymodels import SharedBiasLM, TinyLM, tiny_auto_model, tiny_hf_config, train_steps
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neo", "opt", "bert", "roberta"]
+
+#: The paper's split: no unit budget, so a unit is never smaller than a block. (TinyLM's embedding
+#: unit, 1536 parameters, is larger than its blocks, 1104: the default would split it.)
+PAPER = HiFTConfig(max_unit_params=None)
+
+
+def _check_rows(model: nn.Module, units) -> None:
+    """Every row of every trainable parameter sits in exactly one unit."""
+    rows: dict[str, list[tuple[int, int]]] = {}
+    named = dict(model.named_parameters())
+    for u in units:
+        for n in u.params:
+            rows.setdefault(n, []).append(u.rows.get(n, (0, named[n].shape[0])))
+    assert set(rows) == {n for n, p in named.items() if p.requires_grad}
+    for n, ranges in rows.items():
+        flat = [i for a, b in sorted(ranges) for i in range(a, b)]
+        assert flat == list(range(named[n].shape[0])), n
 
 
 def _check_partition(model: nn.Module, units) -> None:
@@ -86,13 +105,13 @@ def test_tied_weight_is_placed_once_in_the_embedding_unit():
 
 def test_plain_custom_stack_and_sequential():
     model = TinyLM(layers=5)
-    units = split_units(model)
+    units = split_units(model, PAPER)
     assert [u.name for u in units] == ["embed"] + [f"layers.{i}" for i in range(5)] + ["head"]
     assert units[0].params == ("embed.weight", "pos.weight")
     assert [u.module for u in units[1:-1]] == [f"blocks.{i}" for i in range(5)]
 
     seq = nn.Sequential(nn.Embedding(10, 8), *[nn.Linear(8, 8) for _ in range(3)], nn.LayerNorm(8))
-    units = split_units(seq)
+    units = split_units(seq, PAPER)
     assert [u.name for u in units] == ["embed", "layers.0", "layers.1", "layers.2", "head"]
     assert units[0].params == ("0.weight",) and units[-1].params == ("4.weight", "4.bias")
 
@@ -117,7 +136,7 @@ def test_blocks_override_picks_the_container():
     model = TinyLM(layers=3)
     path, blocks = find_blocks(model, "blocks")
     assert path == "blocks" and blocks == ["blocks.0", "blocks.1", "blocks.2"]
-    units = split_units(model, HiFTConfig(blocks="blocks"))
+    units = split_units(model, HiFTConfig(blocks="blocks", max_unit_params=None))
     assert len(units) == 5
     with pytest.raises(ValueError, match="names no submodule"):
         split_units(model, HiFTConfig(blocks="nope.layers"))
@@ -153,7 +172,7 @@ def test_no_trainable_parameters():
 
 
 def test_group_units_packs_consecutive_units():
-    units = split_units(TinyLM(layers=4))  # n = 6
+    units = split_units(TinyLM(layers=4), PAPER)  # n = 6
     groups = group_units(units, 4)
     assert [[u.name for u in g] for g in groups] == [
         ["embed", "layers.0", "layers.1", "layers.2"],
@@ -176,7 +195,7 @@ def test_split_works_on_the_meta_device():
 def test_modules_registered_after_the_blocks_but_used_before_them_open_the_model():
     torch.manual_seed(0)
     model = SharedBiasLM()
-    units = split_units(model)
+    units = split_units(model, PAPER)
     _check_partition(model, units)
     assert [u.name for u in units] == ["embed", "layers.0", "layers.1", "layers.2", "head"]
     assert set(units[0].params) == {
@@ -187,7 +206,9 @@ def test_modules_registered_after_the_blocks_but_used_before_them_open_the_model
     }
     assert units[-1].params == ("lm_head.weight",) and units[-1].cut == 3
     # With the hooks in place (and a grad-requiring embedding output, as gradient checkpointing
-    # makes it) one cycle updates every parameter, the shared bias table included.
+    # makes it) one cycle updates every parameter, the shared bias table included; by default
+    # the embedding unit (larger than a block) is split, each piece keeping its cut.
+    assert [u.cut for u in split_units(model) if u.parent == "embed"] == [0, 0]
     model.embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
     opt = HiFTOptimizer(model, torch.optim.SGD, HiFTConfig(offload="none"), lr=0.5)
     before = copy.deepcopy(model.state_dict())
@@ -248,7 +269,7 @@ def test_tracing_leaves_the_model_as_it_was(monkeypatch):
 def test_a_model_that_cannot_run_is_split_by_registration_without_cuts_outside_blocks():
     model = TinyLM()
     model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no dummy input"))
-    units = split_units(model)
+    units = split_units(model, PAPER)
     assert [u.name for u in units] == [
         "embed",
         "layers.0",
@@ -259,3 +280,126 @@ def test_a_model_that_cannot_run_is_split_by_registration_without_cuts_outside_b
     ]
     # Block parameters run inside their block; where the rest runs is unknown: no cut.
     assert [u.cut for u in units] == [0, 1, 2, 3, 4, 0]
+
+
+# --- units over the size budget -----------------------------------------------------------------
+
+
+def test_a_block_over_budget_is_split_into_its_children_in_execution_order():
+    T = pytest.importorskip("transformers")
+    model = T.AutoModelForCausalLM.from_config(tiny_hf_config("llama"))
+    # A Llama block registers self_attn, mlp, input_layernorm, post_attention_layernorm, but runs
+    # input_layernorm, self_attn (768), post_attention_layernorm, mlp (3 x 512) in that order.
+    units = split_units(model, HiFTConfig(max_unit_params=1000))
+    _check_rows(model, units)
+    layer = [u for u in units if u.parent == "layers.1"]
+    assert [u.name for u in layer] == [
+        "layers.1.input_layernorm+self_attn+post_attention_layernorm",
+        "layers.1.mlp.gate_proj",
+        "layers.1.mlp.up_proj",
+        "layers.1.mlp.down_proj",
+    ]
+    assert {u.module for u in layer} == {"model.layers.1"} and {u.cut for u in layer} == {2}
+    assert layer[0].params[:2] == (
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    )
+    # The 64 x 16 embedding and LM head: two row shards each; the final norm joins the first.
+    assert [u.name for u in units if u.parent in ("embed", "head")] == [
+        "embed[0:32]",
+        "embed[32:64]",
+        "head.model.norm.weight+lm_head.weight[0:32]",
+        "head.lm_head.weight[32:64]",
+    ]
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    assert max(unit_numel(u, shapes) for u in units) <= 1000
+
+
+def test_experts_are_sub_units_and_a_budget_of_none_is_the_paper_split():
+    pytest.importorskip("transformers")
+    model = tiny_auto_model("mixtral")  # 2 experts of 3 x 32 x 64 per block
+    names = [u.name for u in split_units(model, HiFTConfig(max_unit_params=7000))]
+    assert "layers.0.mlp.experts" not in names and any(".mlp.experts." in n for n in names)
+    assert [u.name for u in split_units(model, HiFTConfig(max_unit_params=None))] == [
+        "embed",
+        "layers.0",
+        "layers.1",
+        "head",
+    ]
+
+
+def test_auto_leaves_an_override_alone_and_a_number_splits_it():
+    model = TinyLM(layers=2)
+    units = {"all": [r".*"]}
+    assert [u.name for u in split_units(model, HiFTConfig(units=units))] == ["all"]
+    split = split_units(model, HiFTConfig(units=units, max_unit_params=1200))
+    _check_partition(model, split)
+    # Parameters packed in registration order while they fit 1200: embedding (512), positions
+    # (1024) with the first norm (32), ...
+    assert [u.name for u in split][:2] == [
+        "all.embed.weight",
+        "all.pos.weight+blocks.0.norm.weight+blocks.0.norm.bias",
+    ]
+    assert all(u.parent == "all" and u.cut == 0 and not u.rows for u in split)
+
+
+@pytest.mark.parametrize(
+    ("rows", "row", "budget", "expected"),
+    [
+        (10, 3, 7, [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]),  # 2 rows of 3 fit in 7
+        (10, 3, 9, [(0, 2), (2, 5), (5, 7), (7, 10)]),  # 3 rows fit: 4 shards of 2 or 3 rows
+        (5, 100, 10, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]),  # a row over budget: one each
+        (49152, 576, 3_540_096, [(i * 6144, (i + 1) * 6144) for i in range(8)]),  # SmolLM2
+    ],
+)
+def test_row_shards(rows, row, budget, expected):
+    assert row_shards(rows, row, budget) == expected
+
+
+@pytest.mark.parametrize(
+    ("sizes", "k", "expected"),
+    [
+        ([5, 1, 1, 1, 5, 1, 1, 1], 3, [0, 3, 6, 8]),  # 7, 7, 2: no split keeps all at 6
+        ([10, 1, 1, 1, 1], 3, [0, 1, 4, 5]),  # the big one alone; the rest filled from the left
+        ([1, 2, 3, 4, 5], 2, [0, 3, 5]),  # 6 and 9: the best bound is 9
+        ([1, 2, 3, 4, 5], 5, [0, 1, 2, 3, 4, 5]),
+        ([4, 4, 4, 4], 1, [0, 4]),
+        ([3, 0, 0, 3], 2, [0, 3, 4]),  # empty units go with the run before
+    ],
+)
+def test_balanced_bounds_are_the_exact_linear_partition(sizes, k, expected):
+    assert balanced_bounds(sizes, k) == expected
+    best = max(sum(sizes[a:b]) for a, b in itertools.pairwise(expected))
+    # Against every split of n items into k runs (n is small): none has a smaller largest run.
+    n = len(sizes)
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        bounds = [0, *cuts, n]
+        assert max(sum(sizes[a:b]) for a, b in itertools.pairwise(bounds)) >= best
+
+
+def test_group_by_size_balances_the_same_number_of_groups():
+    units = [Unit(f"u{i}", (f"p{i}",)) for i in range(6)]
+    sizes = [9, 1, 1, 1, 1, 9]
+    by_count = group_units(units, 2, "count", sizes)
+    by_size = group_units(units, 2, "size", sizes)
+    assert [[u.name for u in g] for g in by_count] == [["u0", "u1"], ["u2", "u3"], ["u4", "u5"]]
+    assert [[u.name for u in g] for g in by_size] == [["u0"], ["u1", "u2", "u3", "u4"], ["u5"]]
+    with pytest.raises(ValueError, match="needs one size per unit"):
+        group_units(units, 2, "size")
+    with pytest.raises(ValueError, match="group_by must be one of count, size"):
+        group_units(units, 2, "bytes", sizes)
+    with pytest.raises(ValueError, match="sizes must be >= 0"):
+        balanced_bounds([1, -1], 1)
+    with pytest.raises(ValueError, match="cannot split 2 units into 3"):
+        balanced_bounds([1, 1], 3)
+
+
+def test_group_by_size_trains_like_count_with_its_own_groups(batches):
+    model = TinyLM()
+    config = HiFTConfig(units_per_group=3, group_by="size", offload="none", max_unit_params=None)
+    opt = HiFTOptimizer(model, torch.optim.SGD, config, lr=0.1)
+    # Units: embed 1536, four blocks of 1104, head 560 -> k = 2: the balanced cut is 3 | 3.
+    assert opt.group_names == ["embed..layers.1", "layers.2..head"]
+    before = copy.deepcopy(model.state_dict())
+    train_steps(model, opt, batches[:2])
+    assert [n for n, p in model.state_dict().items() if torch.equal(before[n], p)] == []

@@ -256,3 +256,17 @@ def test_scale_gradients_keeps_the_value_and_scales_the_gradient():
     assert y.item() == 6.0
     y.backward()
     assert x.grad.item() == 2048.0
+
+
+@pytest.mark.parametrize("option", ["is_fsdp_enabled", "is_deepspeed_enabled"])
+def test_the_trainers_fsdp_and_deepspeed_options_are_refused(tmp_path, monkeypatch, option):
+    # accelerate turns both off on a CPU, so the check is driven by what the Trainer decided.
+    original = T.Trainer.create_accelerator_and_postprocess
+
+    def decided(self):
+        original(self)
+        setattr(self, option, True)
+
+    monkeypatch.setattr(T.Trainer, "create_accelerator_and_postprocess", decided)
+    with pytest.raises(ValueError, match="shard_by_units"):
+        _trainer(tmp_path, max_steps=1)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from hiftune import HiFTConfig
 from hiftune.cli import main
 from hiftune.errors import UserError
 from hiftune.memory.estimate import EstimateRow, build_meta_model, estimate
@@ -90,13 +91,42 @@ def test_largest_group_sets_the_peak_for_m_greater_than_one():
     ],
 )
 def test_tied_embeddings_are_counted_once(preset, params, embed_group):
-    rows = _by_key(estimate(preset, optimizers=["adamw"], precisions=["fp32"]))
+    paper = HiFTConfig(max_unit_params=None)  # the paper's split: the embedding is one unit
+    rows = _by_key(estimate(preset, optimizers=["adamw"], precisions=["fp32"], config=paper))
     fpft, hift = rows[("fpft", "adamw", "fp32")], rows[("hift", "adamw", "fp32")]
     assert fpft.trainable_params == params
     assert fpft.weights_mib == pytest.approx(params * 4 / 2**20)
     # The embedding unit (holding the tied head once) is these models' largest group.
     assert hift.group == "embed"
     assert hift.trainable_params == embed_group
+
+
+def test_the_default_split_shards_the_vocabulary_and_counts_its_full_gradient():
+    # SmolLM2-135M: a block is 576*576*2 (q, o) + 576*192*2 (k, v) + 3*576*1536 (MLP) + 2*576
+    # = 3,540,096 parameters; the tied embedding (49152 x 576) becomes 8 shards of 6144 rows.
+    rows = _by_key(estimate("smollm2-135m", optimizers=["adamw"], precisions=["bf16"]))
+    hift = rows[("hift", "adamw", "mixed^Hi")]
+    shard, embedding = 6144 * 576, 49152 * 576
+    assert hift.group == "embed[0:6144]" and hift.trainable_params == shard <= 3_540_096
+    # fp32 gradients of the rows, plus the bf16 full-size gradient backward makes transiently.
+    assert hift.grads_mib == pytest.approx((shard * 4 + embedding * 2) / 2**20)
+    assert hift.states_mib == pytest.approx(shard * 8 / 2**20)  # AdamW: two fp32 moments
+    assert hift.weights_mib == pytest.approx((134_515_008 * 2 + shard * 4) / 2**20)
+
+
+@pytest.mark.parametrize(("group_by", "peak"), [("count", "embed..layers.1"), ("size", "embed")])
+def test_balanced_groups_lower_the_peak(group_by, peak):
+    # GPT-2 small in the paper's split: embedding (50257 + 1024 positions) x 768, 12 blocks of
+    # 7,087,872, the final norm. m = 3 gives k = 5 groups; by count the embedding trains with two
+    # blocks, by size it trains alone and the blocks share the other four groups.
+    config = HiFTConfig(max_unit_params=None, group_by=group_by)
+    rows = estimate(
+        "gpt2", units_per_group=3, optimizers=["sgd"], precisions=["fp32"], config=config
+    )
+    hift = _by_key(rows)[("hift", "sgd", "fp32")]
+    embed, block = (50257 + 1024) * 768, 7_087_872
+    assert hift.group == peak
+    assert hift.trainable_params == (embed + 2 * block if group_by == "count" else embed)
 
 
 def test_sequence_classification_head_is_included():
@@ -211,8 +241,10 @@ def test_cli_json_rows(capsys):
             "weights_mib",
             "grads_mib",
             "states_mib",
+            "peak_group",
         )
     }
+    assert {r["peak_group"] for r in rows if r["method"] == "fpft"} == {"all"}
     # bf16 is standard mixed precision for FPFT and mixed^Hi for HiFT.
     assert [(r["method"], r["optimizer"], r["precision"], r["mode"]) for r in rows] == [
         ("fpft", "adamw", "bf16", "mixed"),

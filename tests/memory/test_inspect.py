@@ -74,12 +74,27 @@ def test_a_vocabulary_far_larger_than_a_block_warns(tmp_path):
     (tmp_path / "b").mkdir()
     small = inspect_split(build_meta_model(_llama(tmp_path / "a", vocab=64)))
     assert small.warnings == []
-    big = inspect_split(build_meta_model(_llama(tmp_path / "b", vocab=4096)))
+    paper = HiFTConfig(max_unit_params=None)  # the paper's split: a vocabulary is one unit
+    big = inspect_split(build_meta_model(_llama(tmp_path / "b", vocab=4096)), config=paper)
     assert big.groups[0].name == "embed" and big.groups[0].params == 4096 * 16
     assert max(g.params for g in big.groups) == big.groups[-1].params  # LM head + final norm
     assert big.peak_group == big.groups[-1].name
     assert any(w.startswith("unit embed has") and "median block" in w for w in big.warnings)
     assert any(w.startswith("unit head has") for w in big.warnings)  # untied LM head, too
+    # The default split shards both (4096 x 16 = 65536 parameters) into units within a block.
+    split = inspect_split(build_meta_model(_llama(tmp_path / "b", vocab=4096)))
+    assert split.warnings == []
+    block = split.median_block_params
+    shards = [u for u in split.units if u.rows]
+    assert {u.parent for u in shards} == {"embed", "head"} and max(
+        u.params for u in shards
+    ) <= block
+    assert shards[0].name == "embed[0:141]" and shards[0].rows == {
+        "model.embed_tokens.weight": [0, 141]
+    }
+    rows = [r for u in shards for r in u.rows.values()]
+    assert sum(stop - start for start, stop in rows) == 2 * 4096  # every row once, in two tensors
+    assert max(g.params for g in split.groups) == block
 
 
 def test_a_unit_holding_several_blocks_warns(tmp_path):
@@ -243,10 +258,12 @@ def test_cli_json_parses(tmp_path, capsys):
     assert main(["inspect", path, "--json", "-m", "2", "--precision", "fp16"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["units_per_group"] == 2 and out["bytes_per_param"] == 2
-    assert out["peak_group"] == "embed..layers.0"
+    # The tied 4096 x 16 embedding is in 29 row shards (141 or 142 rows, within a block of 2336
+    # parameters), two to a group: the peak is a pair of blocks, no longer the embedding.
+    assert out["peak_group"] == "layers.1..layers.2"
     assert out["tied"] == [["model.embed_tokens.weight", "lm_head.weight"]]
-    assert [g["step"] for g in out["groups"]] == [1, 2, 3]
-    assert any("unit embed has" in w for w in out["warnings"])
+    assert [g["step"] for g in out["groups"]] == list(range(1, len(out["groups"]) + 1))
+    assert not any("unit embed has" in w for w in out["warnings"])
 
 
 def test_cli_table(tmp_path, capsys):
@@ -288,3 +305,15 @@ def test_an_encoder_decoder_classifier_runs_the_gradient_check(tmp_path):
             for n in ("shared", "encoder.embed_tokens", "decoder.embed_tokens")
         ]
     ]
+
+
+def test_sub_units_keep_their_block_in_the_gradient_check(tmp_path):
+    # A budget below a block: attention and MLP projections become sub-units of their block;
+    # every parameter still gets its gradient, and the shared/no-gradient check sees blocks.
+    model = build_meta_model(_llama(tmp_path))
+    result = inspect_split(model, config=HiFTConfig(max_unit_params=1000))
+    assert result.warnings == [] and result.no_gradient == {}
+    layer = [u for u in result.units if u.parent == "layers.0"]
+    assert [u.name for u in layer][-1] == "layers.0.mlp.down_proj"
+    assert {u.module for u in layer} == {"model.layers.0"}
+    assert sum(u.params for u in result.units) == result.trainable_params == result.params

@@ -153,6 +153,8 @@ def test_optimizer_names_are_the_engine_registry(tiny_config: Path) -> None:
         ({"precision": "fp8"}, "precision must be one of"),
         ({"steps": 0}, "steps must be >= 1"),
         ({"offload": "discard", "precision": "bf16"}, "master weights"),
+        ({"max_unit_params": 0}, "max_unit_params must be"),
+        ({"group_by": "bytes"}, "group_by must be one of"),
     ],
 )
 def test_run_spec_rejects_bad_fields(fields: dict, message: str) -> None:
@@ -186,6 +188,18 @@ def test_build_specs_defaults_to_one_cycle(tiny_config: Path) -> None:
     )
     assert [s.label for s in specs] == ["FPFT fp32", "HiFT disk fp32", "HiFT discard fp32"]
     assert [(s.steps, s.warmup) for s in specs] == [(2, 1), (2, 2), (2, 2)]  # k = ceil(4 / 2)
+
+
+def test_count_groups_follows_the_unit_budget() -> None:
+    """SmolLM2-135M: 30 blocks of 3.54M, a tied 28.3M embedding, a final norm (m = 1)."""
+    from hiftune.engine.config import HiFTConfig
+
+    paper = prof.count_groups("smollm2-135m", hift=HiFTConfig(max_unit_params=None))
+    assert paper == 1 + 30 + 1
+    # The default budget is the largest block: the embedding becomes ceil(28.3 / 3.54) = 8 shards.
+    assert prof.count_groups("smollm2-135m") == 8 + 30 + 1
+    balanced = HiFTConfig(units_per_group=4, group_by="size")
+    assert prof.count_groups("smollm2-135m", hift=balanced) == 10  # ceil(39 / 4)
 
 
 def test_discard_floor_only_for_fp32(tiny_config: Path) -> None:

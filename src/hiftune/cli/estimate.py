@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from ..engine.config import PRECISIONS
 from ..engine.optimizers import OPTIMIZERS
+from ..memory.distributed import DISTRIBUTED_MODES, RankEstimate, estimate_per_rank
 from ..memory.estimate import DEFAULT_PRECISIONS, HIFT_MIXED, build_meta_model, estimate, render
-from .types import add_model_arguments, comma_list
+from ..memory.render import markdown_table
+from .types import (
+    add_model_arguments,
+    add_split_arguments,
+    comma_list,
+    positive_int,
+    split_config,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--units-per-group", "-m", type=int, default=1, help="m, units per HiFT group (default 1)"
     )
+    add_split_arguments(parser)
     parser.add_argument(
         "--optimizer",
         type=comma_list(None),
@@ -49,7 +59,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, help="with --seq-len: also estimate saved activations"
     )
     parser.add_argument("--seq-len", type=int, help="with --batch-size: sequence length")
-    parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    parser.add_argument(
+        "--processes",
+        type=positive_int,
+        help="also predict HiFT's memory per rank on this many processes (docs/distributed.md)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=DISTRIBUTED_MODES,
+        default="dp",
+        help="with --processes: dp = data parallel (every rank pages every group's state), "
+        "sharded = each rank keeps its share of the state (HiFTConfig.shard_state), fsdp2 = "
+        "blocks sharded with FSDP2 (default dp)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the rows as a JSON list (with --processes: an object with 'rows' and "
+        "'per_rank')",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,13 +89,22 @@ def run(args: argparse.Namespace) -> int:
         optimizers=args.optimizer,
         precisions=args.precision,
         hift_mixed=args.hift_mixed,
+        config=split_config(args),
         task=args.task,
         num_labels=args.num_labels,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
     )
+    combos = sorted({(r.optimizer, r.precision) for r in rows})
+    per_rank = _per_rank(model, args, combos)
     if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        if per_rank is None:
+            print(json.dumps([r.to_dict() for r in rows], indent=2))
+        else:
+            rank_rows = [dataclasses.asdict(r) for r in per_rank]
+            print(
+                json.dumps({"rows": [r.to_dict() for r in rows], "per_rank": rank_rows}, indent=2)
+            )
         return 0
     params = sum(p.numel() for p in model.parameters())
     text = render(
@@ -80,4 +117,62 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
     )
     print(text, end="")
+    if per_rank is not None:
+        half_left_out = args.mode == "sharded" and any(p != "fp32" for _, p in combos)
+        print(_render_per_rank(per_rank, args.processes, args.mode, half_left_out), end="")
     return 0
+
+
+def _per_rank(
+    model: object, args: argparse.Namespace, combos: list[tuple[str, str]]
+) -> list[RankEstimate] | None:
+    """The busiest rank per optimizer and precision, or ``None`` without ``--processes``."""
+    if args.processes is None:
+        return None
+    out = []
+    for optimizer, precision in combos:
+        if args.mode == "sharded" and precision != "fp32":
+            continue  # sharded state trains in fp32 only; said under the table
+        ranks = estimate_per_rank(
+            model,
+            processes=args.processes,
+            mode=args.mode,
+            optimizer=optimizer,
+            precision=precision,
+            units_per_group=args.units_per_group,
+            config=split_config(args),
+        )
+        out.append(max(ranks, key=lambda r: r.total_mib))
+    return out
+
+
+def _render_per_rank(
+    rows: list[RankEstimate], processes: int, mode: str, half_left_out: bool
+) -> str:
+    table = [
+        {
+            "optimizer": r.optimizer,
+            "precision": r.precision,
+            "busiest rank": r.rank,
+            "peak group": r.group,
+            "device weights MiB": r.device_weights_mib,
+            "device grads MiB": r.device_grads_mib,
+            "device states MiB": r.device_states_mib,
+            "device GiB": r.device_mib / 1024,
+            "paged GiB": r.paged_mib / 1024,
+            "total GiB": r.total_mib / 1024,
+            "sent MiB/step": r.comm_mib_per_step,
+        }
+        for r in rows
+    ]
+    lines = [
+        "",
+        f"HiFT per rank on {processes} process(es), mode {mode} (docs/distributed.md); the "
+        "busiest rank; device = weights + gradients + optimizer state on the accelerator, paged = "
+        "the other groups' state and fp32 masters on host or disk; activations not included.",
+        "",
+        markdown_table(table) if table else "(no rows: sharded state trains in fp32 only)",
+    ]
+    if half_left_out:
+        lines.append("sharded state trains in fp32 only: half-precision rows left out")
+    return "\n".join(lines) + "\n"

@@ -10,7 +10,7 @@ from ..memory.configs import head_of
 from ..memory.estimate import build_meta_model
 from ..memory.inspect import Inspection, inspect_split
 from ..memory.render import markdown_table
-from .types import add_model_arguments, positive_int
+from .types import add_model_arguments, add_split_arguments, positive_int, split_config
 
 MiB = 2**20
 
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="m, units per HiFT group (default 1)",
     )
+    add_split_arguments(parser)
     parser.add_argument(
         "--order", choices=ORDERS, default="bottom2up", help="training order (default bottom2up)"
     )
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         order=args.order,
         seed=args.seed,
         precision=args.precision,
+        config=split_config(args),
         head=head_of(args.task),
         check_gradients=args.check_gradients,
     )

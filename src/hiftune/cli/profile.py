@@ -21,7 +21,7 @@ from ..memory.profile import (
     profile,
 )
 from ..memory.profile_report import render_table, write_outputs
-from .types import comma_list, positive_int
+from .types import add_split_arguments, comma_list, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Adafactor with relative_step=False)",
     )
     parser.add_argument("--units-per-group", type=positive_int, default=1, help="HiFT's m")
+    add_split_arguments(parser)
     parser.add_argument(
         "--offload",
         type=comma_list(),
@@ -116,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         optimizer=args.optimizer,
         units_per_group=args.units_per_group,
+        max_unit_params=args.max_unit_params,
+        group_by=args.group_by,
         seed=args.seed,
         device=device,
         offload_dir=args.offload_dir,
@@ -161,6 +164,8 @@ def _command_line(
         f"--seq-len {args.seq_len}",
         f"--optimizer {args.optimizer}",
         f"--units-per-group {args.units_per_group}",
+        f"--max-unit-params {str(args.max_unit_params).lower()}",
+        f"--group-by {args.group_by}",
         f"--methods {','.join(methods)}",
         f"--offload {','.join(offloads)}",
         f"--precision {','.join(args.precision)}",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
+from ..engine.config import GROUP_BY, HiFTConfig
+from ..errors import UserError
 from ..memory.configs import CONFIGS, TASK_HEADS
 
 
@@ -17,6 +19,57 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def unit_budget(text: str) -> int | str | None:
+    """``--max-unit-params``: ``auto``, ``none`` (off) or a positive integer (``30e6`` works)."""
+    lowered = text.strip().lower()
+    if lowered in ("auto", "none"):
+        return None if lowered == "none" else "auto"
+    try:
+        value = float(lowered)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be auto, none or a number of parameters, got {text!r}"
+        ) from None
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(value)
+
+
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the model is split into units and groups (beyond m): the unit budget and balancing."""
+    parser.add_argument(
+        "--max-unit-params",
+        type=unit_budget,
+        default="auto",
+        help="size budget of a unit in parameters: larger units are split (a block into its "
+        "modules, a vocabulary matrix into row shards). auto = the largest block (default); "
+        "none = never split (the paper's units)",
+    )
+    parser.add_argument(
+        "--group-by",
+        choices=GROUP_BY,
+        default="count",
+        help="count: m units per group (default); size: the same number of groups, balanced by "
+        "parameters",
+    )
+
+
+def split_config(args: argparse.Namespace) -> HiFTConfig:
+    """The :class:`HiFTConfig` of :func:`add_split_arguments`' options (and m, if given).
+
+    Raises:
+        UserError: For a value the engine refuses (e.g. m = 0), as one line.
+    """
+    try:
+        return HiFTConfig(
+            units_per_group=getattr(args, "units_per_group", 1),
+            max_unit_params=args.max_unit_params,
+            group_by=args.group_by,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def comma_list(choices: Sequence[str] | None = None) -> Callable[[str], list[str]]:

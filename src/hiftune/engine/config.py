@@ -10,10 +10,12 @@ from typing import Any, Literal
 ORDERS = ("bottom2up", "top2down", "random")
 OFFLOADS = ("none", "host", "disk")
 PRECISIONS = ("fp32", "bf16", "fp16")
+GROUP_BY = ("count", "size")
 
 Order = Literal["bottom2up", "top2down", "random"]
 Offload = Literal["none", "host", "disk"]
 Precision = Literal["fp32", "bf16", "fp16"]
+GroupBy = Literal["count", "size"]
 
 
 @dataclass
@@ -26,6 +28,18 @@ class HiFTConfig:
     Attributes:
         units_per_group: m, the number of consecutive units trained together in one step (>= 1).
             The number of groups is ``k = ceil(n / m)`` for a model of n units.
+        group_by: How consecutive units are packed into the ``k = ceil(n / m)`` groups:
+            ``"count"`` (m units per group, the last may hold fewer; the paper's split) or
+            ``"size"`` (the same k groups, with boundaries chosen so that the largest group holds
+            as few parameters as the units allow).
+        max_unit_params: Size budget of a unit, in trainable parameters. A unit over budget is
+            split: a block into its child modules (attention, MLP, experts; recursively, small
+            consecutive children packed together in execution order), any other unit into its
+            parameters, and a single parameter over budget into row shards along its first
+            dimension (see :mod:`hiftune.engine.subunits` for the names). ``"auto"`` is the
+            trainable parameter count of the largest block (so that no unit is larger than a
+            block; no split when there are no blocks, as with a ``units`` override); ``None`` turns
+            splitting off (the paper's split: a unit is never smaller than a layer).
         order: The order in which groups are trained: ``"bottom2up"`` (embedding first),
             ``"top2down"`` (head first) or ``"random"`` (shuffled once with ``seed``, then fixed).
         seed: Seed of the ``"random"`` order.
@@ -48,11 +62,22 @@ class HiFTConfig:
             (data parallelism without DDP, which cannot follow HiFT's changing set of trainable
             parameters). ``None`` does it whenever ``torch.distributed`` is initialised with more
             than one process; ``False`` never (e.g. when something else already synchronises).
+        shard_state: In data parallelism, keep each group's optimizer state only on the rank that
+            owns it (group ``b`` on rank ``b % N``), which steps it and broadcasts the new weights
+            (see :mod:`hiftune.engine.zero`). Results equal the unsharded run; paged state per rank
+            drops about N times. ``precision="fp32"`` only; no effect on one process.
         init_loss_scale: Initial dynamic loss scale for ``precision="fp16"``.
         loss_scale_growth_interval: Steps without overflow after which the fp16 loss scale doubles.
     """
 
     units_per_group: int = field(default=1, metadata={"help": "Units per group (m >= 1)."})
+    group_by: GroupBy = field(
+        default="count", metadata={"help": f"One of {GROUP_BY}: m units, or balanced sizes."}
+    )
+    max_unit_params: int | Literal["auto"] | None = field(
+        default="auto",
+        metadata={"help": "Unit size budget in parameters ('auto': the largest block; None: off)."},
+    )
     order: Order = field(default="bottom2up", metadata={"help": f"One of {ORDERS}."})
     seed: int = field(default=0, metadata={"help": "Seed of the random order."})
     units: Mapping[str, Sequence[str]] | None = field(
@@ -71,6 +96,10 @@ class HiFTConfig:
             "help": "Average the active group's gradients over ranks (None: when distributed)."
         },
     )
+    shard_state: bool = field(
+        default=False,
+        metadata={"help": "Distributed: each rank keeps and steps only its share of the groups."},
+    )
     init_loss_scale: float = field(default=2.0**16, metadata={"help": "fp16 initial loss scale."})
     loss_scale_growth_interval: int = field(
         default=2000, metadata={"help": "fp16: steps without overflow before the scale doubles."}
@@ -83,6 +112,13 @@ class HiFTConfig:
             )
         if self.units_per_group < 1:
             raise ValueError(f"units_per_group must be >= 1, got {self.units_per_group}")
+        _check_choice("group_by", self.group_by, GROUP_BY)
+        budget = self.max_unit_params
+        if budget is not None and budget != "auto" and not _is_positive_int(budget):
+            raise ValueError(
+                "max_unit_params must be 'auto', None or an integer >= 1 (parameters per unit), "
+                f"got {budget!r}"
+            )
         _check_choice("order", self.order, ORDERS)
         _check_choice("offload", self.offload, OFFLOADS)
         _check_choice("precision", self.precision, PRECISIONS)
@@ -107,6 +143,12 @@ class HiFTConfig:
             raise ValueError(
                 f"sync_gradients must be None, True or False, got {self.sync_gradients!r}"
             )
+        if self.shard_state not in (True, False):
+            raise ValueError(f"shard_state must be True or False, got {self.shard_state!r}")
+        if self.shard_state and self.precision != "fp32":
+            raise ValueError(
+                f"shard_state=True supports precision='fp32' only, not {self.precision!r}"
+            )
         if not self.init_loss_scale > 0:
             raise ValueError(f"init_loss_scale must be > 0, got {self.init_loss_scale}")
         if self.loss_scale_growth_interval < 1:
@@ -120,6 +162,10 @@ class HiFTConfig:
         if out["units"] is not None:
             out["units"] = {k: list(v) for k, v in out["units"].items()}
         return out
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

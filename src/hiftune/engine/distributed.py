@@ -2,13 +2,24 @@
 
 DDP cannot do this for HiFT: it registers its gradient hooks only for the parameters that require
 grad when the model is wrapped, and HiFT changes that set every step. The optimizer therefore
-averages the active group's gradients itself, once per step, in one flat all-reduce.
+averages the active group's gradients itself, once per optimizer step (after gradient
+accumulation), in a few flat all-reduces. Parameters sharded by FSDP2 (``DTensor`` parameters of
+``torch.distributed.fsdp.fully_shard`` modules) are left alone: FSDP2 already reduce-scatters their
+gradients in backward, averaged over the ranks of their mesh.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+#: Gradients smaller than this are averaged together, in flat buffers of at most this size (fewer
+#: collectives); larger ones in place, one collective each. So averaging a group costs at most
+#: this much memory on top of its gradients, where one flat buffer would double them.
+BUCKET_BYTES = 2**20
 
 
 def should_sync(sync_gradients: bool | None) -> bool:
@@ -19,24 +30,68 @@ def should_sync(sync_gradients: bool | None) -> bool:
     """
     if sync_gradients is False:
         return False
+    return world_size() > 1
+
+
+def world_size() -> int:
+    """The number of processes of the default process group (1 if there is none)."""
     dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
-def all_reduce_mean(params: list[nn.Parameter]) -> None:
-    """Averages the gradients of ``params`` over all ranks in one flat all-reduce.
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (an FSDP2 shard, or any other distributed tensor)."""
+    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
+
+
+def all_reduce_mean(params: list[nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Averages the gradients of ``params`` over all ranks, in place or in small flat buffers.
 
     A rank without a gradient for a parameter contributes zeros, so every rank joins the same
-    collective with a tensor of the same size.
+    collectives with tensors of the same sizes (every rank passes the same ``params``). Sharded
+    (``DTensor``) parameters are skipped: their owner (FSDP2) has reduced their gradients already.
+    Gradients are averaged in place, so the peak memory of a step grows by at most
+    ``bucket_bytes``, not by a second copy of the group's gradients.
     """
-    if not params:
+    plain = [p for p in params if not is_sharded(p)]
+    if not plain:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat.div_(torch.distributed.get_world_size())
-    offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(g)
-        offset += n
+    world = torch.distributed.get_world_size()
+    for bucket in buckets(plain, bucket_bytes):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+        if len(bucket) == 1:
+            flat = grads[0] if grads[0].is_contiguous() else grads[0].contiguous()
+        else:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for p, g in zip(bucket, grads, strict=True):
+            n = g.numel()
+            if flat is not g:
+                g.copy_(flat[offset : offset + n].view_as(g))
+            p.grad = g
+            offset += n
+
+
+def buckets(params: list[nn.Parameter], bucket_bytes: int) -> Iterator[list[nn.Parameter]]:
+    """``params`` in runs for one flat buffer each: one dtype and device per run, at most
+    ``bucket_bytes`` (a larger tensor is a run alone), in parameter order, so that every rank
+    builds the same runs from the same parameters."""
+    by_kind: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+    for p in params:
+        by_kind.setdefault((p.dtype, p.device), []).append(p)
+    for same in by_kind.values():
+        bucket: list[nn.Parameter] = []
+        size = 0
+        for p in same:
+            n = p.numel() * p.element_size()
+            if bucket and size + n > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.append(p)
+            size += n
+        if bucket:
+            yield bucket

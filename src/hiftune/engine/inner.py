@@ -3,18 +3,23 @@
 HiFTOptimizer builds one instance of the user's optimizer class per HiFT group. This module holds
 what it needs to know about such an instance without touching its code: how to give it per-parameter
 options, and how its ``state`` (plus the group's fp32 masters) becomes the flat ``{name: tensor}``
-dict a :class:`~hiftune.engine.paging.StateStore` holds, and back. The flat names are
-``state.<i>.<key>`` for the state entry ``key`` of the optimizer's i-th parameter, and ``master.<i>``
-for the i-th master weight.
+dict a :class:`~hiftune.engine.paging.StateStore` holds, and back (:class:`GroupStates` pages every
+group's state in and out). The flat names are ``state.<i>.<key>`` for the state entry ``key`` of the
+optimizer's i-th parameter, and ``master.<i>`` for the i-th master weight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from .paging import StateStore
+
+logger = logging.getLogger(__name__)
 
 #: A user's per-parameter options for one group: ``(name, param)`` pairs -> torch param groups.
 ParamGroupsFn = Callable[[list[tuple[str, nn.Parameter]]], list[dict[str, Any]]]
@@ -106,3 +111,109 @@ def clear_state(optimizer: torch.optim.Optimizer, masters: Sequence[nn.Parameter
     for m in masters:
         # Keep the Parameter object (the optimizer's state is keyed by it), drop its data.
         m.data = torch.empty(0, dtype=m.dtype, device=m.device)
+
+
+class GroupStates:
+    """Every group's inner optimizer and fp32 masters, paged in and out of a store by group id.
+
+    A group is *resident* while its state (and masters' data) is in the optimizer; otherwise the
+    store holds it as flat tensors, and the non-tensor entries (an Adafactor step count) stay here.
+
+    Args:
+        store: Where paged-out groups live.
+        names: A readable name per group, for messages.
+    """
+
+    def __init__(self, store: StateStore, names: Sequence[str]) -> None:
+        self.store = store
+        self.names = list(names)
+        self.inner: list[torch.optim.Optimizer] = []
+        self.masters: list[list[nn.Parameter]] = []
+        self.resident: set[int] = set()
+        self._scalars: list[dict[str, Any]] = []
+
+    def add(self, optimizer: torch.optim.Optimizer, masters: list[nn.Parameter]) -> None:
+        """Adds the next group, resident, and pages it out (some optimizers, e.g. Adagrad,
+        create their state in ``__init__``)."""
+        self.inner.append(optimizer)
+        self.masters.append(masters)
+        self._scalars.append({})
+        self.resident.add(len(self.inner) - 1)
+        self.page_out(len(self.inner) - 1)
+
+    def page_out(self, b: int) -> None:
+        """Moves group ``b``'s state to the store (nothing if it is not resident).
+
+        Raises:
+            BaseException: Whatever the store raised; the group then stays resident, so a failed
+                write (a full disk) loses nothing and a later page-out tries again.
+        """
+        if b not in self.resident:
+            return
+        tensors, scalars = flatten_state(self.inner[b], self.masters[b])
+        try:
+            self.store.put(b, tensors)
+        except BaseException:
+            logger.warning(
+                "could not page out the optimizer state of group %r; it stays in memory",
+                self.names[b],
+            )
+            raise
+        self._scalars[b] = scalars
+        clear_state(self.inner[b], self.masters[b])
+        self.resident.discard(b)
+
+    def page_in(self, b: int) -> None:
+        """Brings group ``b``'s state back from the store (nothing if it is resident)."""
+        if b in self.resident:
+            return
+        fill_state(self.inner[b], self.masters[b], self.store.get(b), self._scalars[b])
+        self.resident.add(b)
+
+    def copy(self, b: int, with_masters: bool) -> dict[str, Any]:
+        """Group ``b``'s ``{"optimizer": state_dict, "masters": CPU copies or None}``.
+
+        A paged-out group is filled from a CPU copy of the store for the duration of the copy.
+        """
+        paged_out = b not in self.resident
+        inner, masters = self.inner[b], self.masters[b]
+        if paged_out:
+            fill_state(inner, masters, self.store.peek(b), self._scalars[b])
+        saved = {
+            "optimizer": inner.state_dict(),
+            "masters": [m.data.to("cpu") for m in masters] if with_masters else None,
+        }
+        if paged_out:
+            clear_state(inner, masters)
+        return saved
+
+    def load(self, b: int, saved: dict[str, Any], device: torch.device) -> None:
+        """Replaces group ``b``'s state by a :meth:`copy` of it, then pages it out."""
+        self.store.get(b)  # drop what the store holds for this group
+        inner = self.inner[b]
+        clear_state(inner, self.masters[b])
+        inner.load_state_dict(saved["optimizer"])  # casts state to each parameter's device
+        if saved.get("masters") is not None:
+            for m, data in zip(self.masters[b], saved["masters"], strict=True):
+                m.data = data.to(device=device, dtype=torch.float32)
+        self.resident.add(b)
+        self.page_out(b)
+
+    def drain(self, skip: int | None = None) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """Each group's fp32 master data, one group at a time, taking it out of the store.
+
+        For handing the masters to the model when closing; a group whose state cannot be read
+        (a damaged file) is left out with a warning, as is group ``skip``.
+        """
+        for b, (inner, masters) in enumerate(zip(self.inner, self.masters, strict=True)):
+            if b == skip:
+                continue
+            if b not in self.resident:
+                try:
+                    fill_state(inner, masters, self.store.get(b), self._scalars[b])
+                except Exception as e:  # a damaged state file must not stop the close
+                    logger.warning("group %r keeps its half-precision weights: %s", b, e)
+                    continue
+            yield b, [m.data for m in masters]
+            clear_state(inner, masters)
+            self.resident.discard(b)

@@ -10,7 +10,8 @@ or patched. Each :meth:`HiFTOptimizer.step` then
 
 Freezing everything but the active group is what truncates backward (see :mod:`.truncation`).
 The delayed scheduler lives in :mod:`.delay`, the one-optimizer-per-model bookkeeping in
-:mod:`.claims`, the gradient all-reduce in :mod:`.distributed` and the paging in :mod:`.paging`.
+:mod:`.claims`, the gradient all-reduce in :mod:`.distributed`, the paging in :mod:`.paging` and
+the row shards of a split parameter in :mod:`.shards`.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ from . import precision
 from .claims import claim_model, release_claim, release_stale_claim
 from .config import HiFTConfig
 from .delay import DelayedLR
-from .distributed import all_reduce_mean, should_sync
-from .inner import ParamGroupsFn, clear_state, fill_state, flatten_state, param_groups
+from .distributed import all_reduce_mean, should_sync, world_size
+from .inner import GroupStates, ParamGroupsFn, param_groups
 from .order import group_order
 from .paging import StateStore, make_store
 from .precision import DTYPES, LossScaler
+from .shards import GroupTensors, take_grads
 from .state_dict import STATE_DICT_VERSION, Layout, class_name, validate_state_dict
 from .truncation import BackwardTruncation
-from .units import Unit, group_name, group_units, split_units
+from .units import Unit, group_name, group_units, split_units, unit_numel
+from .zero import StateSharding
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +73,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
             ``DiskStore(write_behind=True)``).
         **optimizer_kwargs: Passed unchanged to ``optimizer_cls`` for every group.
 
+    A unit may hold only some rows of a parameter (``HiFTConfig.max_unit_params``): its group's
+    optimizer then steps a row shard, an ``nn.Parameter`` viewing those rows (see
+    :mod:`hiftune.engine.shards`, also for what a sharded step costs).
+
     Attributes:
-        groups: Parameter names of each group, in training order.
+        groups: Parameter names of each group, in training order (a sharded parameter is named in
+            every group that holds some of its rows).
         group_names: A readable name per group, e.g. ``["embed", "layers.0", ..., "head"]``.
         units: The units of the model, bottom-up.
         cycle: The number of completed cycles (each group updated once per cycle).
@@ -99,14 +107,23 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.model = model
         release_stale_claim(model)
         self.units: list[Unit] = split_units(model, self.config)
+        named = dict(model.named_parameters())
+        self._named = named
+        shapes = {n: p.shape for n, p in named.items()}
         # The units of each group, bottom-up. Everything per group below is indexed the same way
         # (by bottom-up group id b); self._order maps training positions to ids.
-        bottom_up = group_units(self.units, self.config.units_per_group)
+        bottom_up = group_units(
+            self.units,
+            self.config.units_per_group,
+            self.config.group_by,
+            [unit_numel(u, shapes) for u in self.units],
+        )
         self._group_units: list[tuple[Unit, ...]] = bottom_up
         self._order = group_order(len(bottom_up), self.config.order, self.config.seed)
-        named = dict(model.named_parameters())
-        self._names = [[n for u in g for n in u.params] for g in bottom_up]
-        self._params = [[named[n] for n in names] for names in self._names]
+        self._tensors = [GroupTensors.build(named, g) for g in bottom_up]
+        self._names = [t.names for t in self._tensors]
+        # What each group's optimizer steps in the model's dtype (a row shard for some rows).
+        self._params = [t.params for t in self._tensors]
         self._mixed = self.config.precision != "fp32"
         self._dtype = DTYPES[self.config.precision]
         self._scaler = (
@@ -117,8 +134,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._store: StateStore = (
             store if store is not None else make_store(self.config.offload, self.config.offload_dir)
         )
-        self._scalars: list[dict[str, Any]] = [{} for _ in bottom_up]
-        self._resident: set[int] = set()
+        # Sharded state: each rank keeps (and steps) only the groups it owns (see .zero).
+        self._sharding = StateSharding() if self.config.shard_state and world_size() > 1 else None
+        if self._sharding is not None:
+            self._store = self._sharding.wrap(self._store)
+        # Each group's inner optimizer and fp32 masters (empty in fp32 training), paged together.
+        self._states = GroupStates(self._store, [group_name(g) for g in bottom_up])
+        self._inner = self._states.inner
+        self._masters = self._states.masters
         self._grads_ready = False
         self._position = 0
         self.cycle = 0
@@ -129,44 +152,39 @@ class HiFTOptimizer(torch.optim.Optimizer):
         # Each parameter mixed precision cast, with its dtype before, for close() to restore.
         self._cast: list[tuple[nn.Parameter, torch.dtype]] = []
 
-        # fp32 master weights per group (empty lists in fp32 training); their data is paged too.
-        self._masters: list[list[nn.Parameter]] = []
-        self._inner: list[torch.optim.Optimizer] = []
         for b, params in enumerate(self._params):
             # One group at a time: build its fp32 masters, cast the model weights to half
             # precision, and page the masters out before the next group, so the device never
             # holds more than one group's masters.
-            masters = precision.make_masters(params, self._dtype, self._cast) if self._mixed else []
-            self._masters.append(masters)
+            shards = [s.param for s in self._tensors[b].shards]
+            masters = (
+                precision.make_masters(params, self._dtype, self._cast, shards)
+                if self._mixed
+                else []
+            )
             torch_groups = param_groups(
                 list(zip(self._names[b], params, strict=True)),
                 masters if self._mixed else params,
                 param_groups_fn,
             )
-            self._inner.append(optimizer_cls(torch_groups, **optimizer_kwargs))
-            self._resident.add(b)
-            # Some optimizers (Adagrad) create their state in __init__: page it out right away.
-            self._page_out(b)
+            self._states.add(optimizer_cls(torch_groups, **optimizer_kwargs), masters)
+            self._tensors[b].deactivate()
         if self._mixed:  # frozen weights too, so every matmul sees one dtype
             precision.cast_to(model.parameters(), self._dtype, self._cast)
 
         super().__init__(self._collect_param_groups(), dict(self._inner[0].defaults))
         # What a checkpoint must match to load (recorded in state_dict() too).
         self._layout = Layout(
-            names=self._names,
+            names=[t.labels for t in self._tensors],
             group_names=[group_name(g) for g in bottom_up],
-            shapes=[[list(p.shape) for p in params] for params in self._params],
+            shapes=[t.shapes for t in self._tensors],
             param_group_sizes=[[len(g["params"]) for g in i.param_groups] for i in self._inner],
             optimizer_class=class_name(self._inner[0]),
             precision=self.config.precision,
         )
-        for params in self._params:
-            for p in params:
-                p.requires_grad_(False)
+        weights = list({id(w): w for t in self._tensors for w in t.weights}.values())
         self._truncation = BackwardTruncation(model, self.units)
-        self._claim = claim_model(
-            model, self, self._truncation, [p for params in self._params for p in params]
-        )
+        self._claim = claim_model(model, self, self._truncation, weights)
         self._activate()
 
     # --- the public surface -----------------------------------------------------------------
@@ -214,21 +232,33 @@ class HiFTOptimizer(torch.optim.Optimizer):
             raise AttributeError("HiFTOptimizer.state is a view of the per-group optimizers")
 
     @property
+    def sharding(self) -> StateSharding | None:
+        """Which rank keeps each group's state, with ``shard_state=True`` on several ranks.
+
+        Then :meth:`state_dict` is a collective: call it on every rank (each gets every group).
+        """
+        return self._sharding
+
+    @property
     def store(self) -> StateStore:
         """Where inactive groups' optimizer state (and fp32 masters) live."""
         return self._store
 
     def active_parameters(self) -> list[nn.Parameter]:
-        """The model parameters of the active group (the only ones with gradients)."""
-        return list(self._params[self._order[self._position]])
+        """The model parameters of the active group (the only ones with gradients).
+
+        A sharded parameter is listed whole: until :meth:`unscale_` hands the group's rows to its
+        row shards, its gradient covers all its rows.
+        """
+        return list(self._tensors[self._order[self._position]].weights)
 
     def master_parameters(self) -> list[nn.Parameter]:
         """The tensors the active group's optimizer steps on.
 
         In mixed precision these are the group's fp32 master weights: after :meth:`unscale_` they
         hold the unscaled fp32 gradients (for clipping or logging of your own); outside a step
-        their data is paged out to the store (empty tensors). In fp32 training they are the same
-        parameters as :meth:`active_parameters`.
+        their data is paged out to the store (empty tensors). In fp32 training they are the
+        parameters of :meth:`active_parameters`, with a row shard in place of a sharded one.
         """
         b = self._order[self._position]
         return list(self._masters[b] if self._mixed else self._params[b])
@@ -257,7 +287,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
         In distributed runs (``torch.distributed`` initialised, more than one process, and
         :attr:`HiFTConfig.sync_gradients` not ``False``) the active group's gradients are averaged
-        over all ranks here, in one flat all-reduce. In mixed precision the half-precision
+        over all ranks here (see :mod:`.distributed`). In mixed precision the half-precision
         gradients are then copied into the fp32 masters and the loss scale divided out. Call it
         before clipping if you clip yourself (:meth:`clip_grad_norm_` does); :meth:`step` calls it
         when you did not. Idempotent until the next step.
@@ -265,10 +295,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self._grads_ready:
             return
         b = self._order[self._position]
+        # Row shards take their rows of the full gradient first (freeing it), so that only the
+        # active rows are all-reduced and paged-in state never meets the full-size gradient.
+        take_grads(self._tensors[b].shards)
         if should_sync(self.config.sync_gradients):
             all_reduce_mean([p for p in self._params[b] if p.requires_grad])
         if self._mixed:
-            self._page_in(b)
+            self._states.page_in(b)
             precision.grads_to_masters(self._params[b], self._masters[b], self.loss_scale)
         self._grads_ready = True
 
@@ -314,8 +347,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             closure = None
-        self._page_in(b)
         self.unscale_()
+        self._states.page_in(b)
         if self._scaler is not None:
             overflow = self._scaler.found_overflow(
                 m.grad for m in self._masters[b] if m.grad is not None
@@ -324,7 +357,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
             if overflow:
                 self._finish_group(b)
                 return loss
-        result = self._inner[b].step(closure) if closure is not None else self._inner[b].step()
+        result = None
+        if self._sharding is None or self._sharding.owns(b):
+            result = self._inner[b].step(closure) if closure is not None else self._inner[b].step()
+        elif closure is not None:  # another rank steps this group; its weights come below
+            with torch.enable_grad():
+                result = closure()
+        if self._sharding is not None:
+            self._sharding.broadcast(b, self._params[b])
         loss = result if loss is None else loss
         if self._scaler is not None:
             # An fp16 weight of inf would overflow every later step: they would all be skipped.
@@ -332,13 +372,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 self._masters[b], self._dtype, group_name(self._group_units[b])
             )
             if self._failure is not None:
-                for p in (*self._params[b], *self._masters[b]):
-                    p.grad = None
-                self._grads_ready = False
+                self._clear_grads(b)
                 raise FloatingPointError(self._failure)
-        if self._mixed:
-            for p, m in zip(self._params[b], self._masters[b], strict=True):
-                p.data.copy_(m.data)
+        self._tensors[b].write_back(self._masters[b])
         try:
             self._finish_group(b)
         finally:
@@ -347,7 +383,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears the gradients of every managed parameter (only the active group has any)."""
-        for group in (*self._params, *self._masters):
+        for group in (*(t.weights for t in self._tensors), *self._params, *self._masters):
             for p in group:
                 if p.grad is None:
                     continue
@@ -368,15 +404,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 saving.
         """
         self._check_usable()
-        groups = []
-        for b, inner in enumerate(self._inner):
-            paged_out = b not in self._resident
-            if paged_out:  # fill the optimizer from a CPU copy, only for the duration of the copy
-                fill_state(inner, self._masters[b], self._store.peek(b), self._scalars[b])
-            masters = [m.data.to("cpu") for m in self._masters[b]] if self._mixed else None
-            groups.append({"optimizer": inner.state_dict(), "masters": masters})
-            if paged_out:
-                clear_state(inner, self._masters[b])
+        groups = [self._states.copy(b, self._mixed) for b in range(len(self._inner))]
+        if self._sharding is not None:  # a collective: each group as its owner keeps it
+            groups = [self._sharding.share(b, g) for b, g in enumerate(groups)]
         return {
             "hift": {
                 **self._layout.to_meta(),
@@ -405,21 +435,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
         meta = validate_state_dict(state_dict, self._layout)
         order = [int(i) for i in meta["order"]]
         for b, saved in enumerate(state_dict["groups"]):
-            self._store.get(b)  # drop what the store holds for this group
-            inner = self._inner[b]
-            clear_state(inner, self._masters[b])
-            inner.load_state_dict(saved["optimizer"])  # casts state to each parameter's device
-            if self._mixed:
-                for m, data in zip(self._masters[b], saved["masters"], strict=True):
-                    m.data = data.to(device=self._params[b][0].device, dtype=torch.float32)
-            self._resident.add(b)
-            self._page_out(b)
+            saved = {**saved, "masters": saved["masters"] if self._mixed else None}
+            self._states.load(b, saved, self._params[b][0].device)
         # Optimizer.load_state_dict replaces the group dicts; share the new ones again.
         self.param_groups = self._collect_param_groups()
-        for params in self._params:
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
+        for tensors in self._tensors:
+            tensors.deactivate()
         self._order = order
         self._position = int(meta["position"])
         self.cycle = int(meta["cycle"])
@@ -447,6 +468,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
             if self._mixed:
                 precision.restore_weights(self._cast, self._trained_masters())
         finally:
+            for tensors in self._tensors:
+                for shard in tensors.shards:
+                    shard.release()  # no view of the model's weights outlives the optimizer
             release_claim(self.model, self._claim)
             self._store.close()
 
@@ -467,49 +491,30 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     def _activate(self) -> None:
         b = self._order[self._position]
-        for p in self._params[b]:
-            p.requires_grad_(True)
+        self._tensors[b].activate()
         self._truncation.set_active(self._group_units[b])
         if self.config.prefetch:
             self._store.prefetch(b)
 
     def _advance(self) -> None:
-        b = self._order[self._position]
-        for p in self._params[b]:
-            p.requires_grad_(False)
-            p.grad = None
+        self._tensors[self._order[self._position]].deactivate()
         self._position = (self._position + 1) % self.num_groups
         if self._position == 0:
             self.cycle += 1
         self.steps += 1
         self._activate()
 
-    def _finish_group(self, b: int) -> None:
-        for p in (*self._params[b], *self._masters[b]):
+    def _clear_grads(self, b: int) -> None:
+        for p in (*self._tensors[b].weights, *self._params[b], *self._masters[b]):
             p.grad = None
         self._grads_ready = False
-        self._page_out(b)
-        # Groups whose page-out failed before stayed resident: try them again now.
-        for other in sorted(self._resident - {b}):
-            self._page_out(other)
 
-    def _page_out(self, b: int) -> None:
-        if b not in self._resident:
-            return
-        tensors, scalars = flatten_state(self._inner[b], self._masters[b])
-        try:
-            self._store.put(b, tensors)
-        except BaseException:
-            # Cleared only once the store holds it: a failed write (a full disk) loses nothing,
-            # the group stays resident and a later page-out, state_dict() or step still sees it.
-            logger.warning(
-                "could not page out the optimizer state of group %r; it stays in memory",
-                group_name(self._group_units[b]),
-            )
-            raise
-        self._scalars[b] = scalars
-        clear_state(self._inner[b], self._masters[b])
-        self._resident.discard(b)
+    def _finish_group(self, b: int) -> None:
+        self._clear_grads(b)
+        self._states.page_out(b)
+        # Groups whose page-out failed before stayed resident: try them again now.
+        for other in sorted(self._states.resident - {b}):
+            self._states.page_out(other)
 
     def _check_usable(self) -> None:
         if self._claim.superseded:
@@ -525,24 +530,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 "load_state_dict() or build a new optimizer"
             )
 
-    def _trained_masters(self) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-        # Each trained parameter with its fp32 master data, one group at a time (for close()).
+    def _trained_masters(
+        self,
+    ) -> Iterator[tuple[nn.Parameter, tuple[int, int] | None, torch.Tensor]]:
+        # Each trained parameter (its rows, for a shard) with its fp32 master data, one group at a
+        # time (for close()). A diverged group's masters are skipped: its weights keep their
+        # last finite values.
         failed = self._order[self._position] if self._failure is not None else None
-        for b, (inner, masters) in enumerate(zip(self._inner, self._masters, strict=True)):
-            if b == failed:
-                continue  # its masters diverged; its weights keep their last finite values
-            if b not in self._resident:
-                try:
-                    fill_state(inner, masters, self._store.get(b), self._scalars[b])
-                except Exception as e:  # a damaged state file must not stop the close
-                    logger.warning("group %r keeps its half-precision weights: %s", b, e)
-                    continue
-            yield from ((p, m.data) for p, m in zip(self._params[b], masters, strict=True))
-            clear_state(inner, masters)
-            self._resident.discard(b)
-
-    def _page_in(self, b: int) -> None:
-        if b in self._resident:
-            return
-        fill_state(self._inner[b], self._masters[b], self._store.get(b), self._scalars[b])
-        self._resident.add(b)
+        for b, masters in self._states.drain(skip=failed):
+            tensors = self._tensors[b]
+            for name, rows, data in zip(tensors.names, tensors.rows, masters, strict=True):
+                yield self._named[name], rows, data

@@ -8,6 +8,10 @@ Stores deal in flat ``{name: tensor}`` dicts and know nothing about optimizers.
 The optimizer drives a store with three calls per step: ``put`` the group it just stepped,
 ``prefetch`` the group that trains next (so the copy or file read overlaps the forward and
 backward pass), and ``get`` that group when its step comes.
+
+Sharded tensors (``DTensor``, e.g. the optimizer state of an FSDP2 model's parameters) are stored
+as their local shard and rebuilt on the way back (:func:`to_local` / :func:`from_local`), so each
+rank keeps only its own shard, on host or disk.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import os
 import weakref
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from .tempdirs import OwnedDir, make_owned_temp_dir
 
@@ -72,7 +79,10 @@ class StateStore(ABC):
 
 def tensor_bytes(obj: object) -> int:
     """Bytes of every tensor in ``obj``: a tensor, or dicts, lists and tuples of them (other
-    values count 0). The one byte counter of hiftune (paging, the estimator and the profiler)."""
+    values count 0). The one byte counter of hiftune (paging, the estimator and the profiler).
+    A ``DTensor`` counts its local shard: the bytes this process holds."""
+    if isinstance(obj, DTensor):
+        obj = obj.to_local()
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -80,6 +90,48 @@ def tensor_bytes(obj: object) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(tensor_bytes(v) for v in obj)
     return 0
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What turns a local shard back into its ``DTensor``: mesh, placements, global shape."""
+
+    mesh: Any
+    placements: tuple[Any, ...]
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+
+def to_local(tensors: Tensors) -> tuple[Tensors, dict[str, ShardSpec]]:
+    """Splits ``tensors`` into plain tensors (each ``DTensor`` replaced by its local shard) and the
+    :class:`ShardSpec` of every name that was a ``DTensor``."""
+    out: Tensors = {}
+    specs: dict[str, ShardSpec] = {}
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            specs[name] = ShardSpec(t.device_mesh, tuple(t.placements), t.shape, t.stride())
+            out[name] = t.to_local()
+        else:
+            out[name] = t
+    return out, specs
+
+
+def from_local(tensors: Tensors, specs: dict[str, ShardSpec]) -> Tensors:
+    """Undoes :func:`to_local` (no communication: each rank rebuilds its own shard)."""
+    if not specs:
+        return tensors
+    out = dict(tensors)
+    for name, spec in specs.items():
+        if name in out:
+            out[name] = DTensor.from_local(
+                out[name],
+                spec.mesh,
+                spec.placements,
+                run_check=False,
+                shape=spec.shape,
+                stride=spec.stride,
+            )
+    return out
 
 
 class KeepStore(StateStore):
@@ -118,8 +170,10 @@ class HostStore(StateStore):
         self._host: dict[int, tuple[Tensors, dict[str, torch.device], torch.cuda.Event | None]] = {}
         self._ready: dict[int, tuple[Tensors, torch.cuda.Event]] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._specs: dict[int, dict[str, ShardSpec]] = {}
 
     def put(self, key: int, tensors: Tensors) -> None:
+        tensors, self._specs[key] = to_local(tensors)
         out: Tensors = {}
         devices: dict[str, torch.device] = {}
         event = None
@@ -165,19 +219,21 @@ class HostStore(StateStore):
                     current.wait_event(in_event)
                     # Allocated on the side stream, used on the compute stream from now on.
                     t.record_stream(current)
-            return moved
+            return from_local(moved, self._specs.pop(key, {}))
         host, devices, _ = self._host.pop(key, ({}, {}, None))
         # Same stream as the copy out, so stream order makes this safe without a sync.
-        return {k: v.to(devices[k], non_blocking=True) for k, v in host.items()}
+        moved = {k: v.to(devices[k], non_blocking=True) for k, v in host.items()}
+        return from_local(moved, self._specs.pop(key, {}))
 
     def peek(self, key: int) -> Tensors:
         if key in self._ready:
             self._ready[key][1].synchronize()
-            return {k: v.to("cpu") for k, v in self._ready[key][0].items()}
+            local = {k: v.to("cpu") for k, v in self._ready[key][0].items()}
+            return from_local(local, self._specs.get(key, {}))
         host, _, event = self._host.get(key, ({}, {}, None))
         if event is not None:
             event.synchronize()
-        return dict(host)
+        return from_local(dict(host), self._specs.get(key, {}))
 
     def flush(self) -> None:
         for _, _, event in self._host.values():
@@ -237,6 +293,7 @@ class DiskStore(StateStore):
         self._writes: dict[int, tuple[Future[None], int]] = {}
         self._reads: dict[int, Future[Tensors]] = {}
         self._devices: dict[int, dict[str, torch.device]] = {}
+        self._specs: dict[int, dict[str, ShardSpec]] = {}
         # key -> host tensors whose write failed: kept, so that no state is lost
         self._unwritten: dict[int, Tensors] = {}
         self._finalizer = weakref.finalize(self, _cleanup, self._pool, self.directory, self._owned)
@@ -247,6 +304,7 @@ class DiskStore(StateStore):
 
     def put(self, key: int, tensors: Tensors) -> None:
         # Copy to host now (cheap on CPU, a device sync on CUDA), write in the background.
+        tensors, specs = to_local(tensors)
         host = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         previous = self._writes.pop(key, None)
         if previous is not None:
@@ -254,6 +312,7 @@ class DiskStore(StateStore):
         self._reads.pop(key, None)
         self._unwritten.pop(key, None)
         self._devices[key] = {k: v.device for k, v in tensors.items()}
+        self._specs[key] = specs
         self._writes[key] = (
             self._pool.submit(_write, host, self.path(key), key, self._unwritten),
             tensor_bytes(host),
@@ -266,6 +325,7 @@ class DiskStore(StateStore):
                 # The caller still holds the tensors: forget the key rather than keep a copy.
                 self._unwritten.pop(key, None)
                 del self._devices[key]
+                del self._specs[key]
                 raise
 
     def prefetch(self, key: int) -> None:
@@ -285,7 +345,8 @@ class DiskStore(StateStore):
             self.prefetch(key)
             tensors = self._reads.pop(key).result()
         devices = self._devices.pop(key)
-        return {k: v.to(devices[k], non_blocking=True) for k, v in tensors.items()}
+        moved = {k: v.to(devices[k], non_blocking=True) for k, v in tensors.items()}
+        return from_local(moved, self._specs.pop(key, {}))
 
     def peek(self, key: int) -> Tensors:
         if key not in self._devices:
@@ -294,8 +355,8 @@ class DiskStore(StateStore):
         if entry is not None:
             wait([entry[0]])  # a failure stays pending, for get() or flush() to raise
         if key in self._unwritten:
-            return dict(self._unwritten[key])
-        return _load(self.path(key))
+            return from_local(dict(self._unwritten[key]), self._specs.get(key, {}))
+        return from_local(_load(self.path(key)), self._specs.get(key, {}))
 
     def flush(self) -> None:
         """Waits for every pending write (re-raising a failed one) and prefetch read.

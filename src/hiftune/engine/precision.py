@@ -107,20 +107,26 @@ def check_half_range(masters: Sequence[torch.Tensor], dtype: torch.dtype, group:
 
 def restore_weights(
     cast: Sequence[tuple[nn.Parameter, torch.dtype]],
-    masters: Iterable[tuple[nn.Parameter, torch.Tensor]],
+    masters: Iterable[tuple[nn.Parameter, tuple[int, int] | None, torch.Tensor]],
 ) -> None:
     """Gives parameters mixed precision cast their dtypes back.
 
     Args:
         cast: Each parameter that was cast to half precision, with its dtype before.
-        masters: Trained parameters with their fp32 master data, which replaces the (less
-            precise) half-precision weights. Consumed one pair at a time, so a generator can bring
-            the masters in group by group.
+        masters: Trained parameters with the rows their fp32 master covers (``None``: all of
+            it, else ``(start, stop)`` of a row shard) and its data, which replaces the (less
+            precise) half-precision values. Consumed one at a time, so a generator can bring the
+            masters in group by group.
     """
     dtypes = {id(p): dtype for p, dtype in cast}
     done: set[int] = set()
-    for p, data in masters:
-        p.data = data.to(dtypes.get(id(p), torch.float32))
+    for p, rows, data in masters:
+        if rows is None:
+            p.data = data.to(dtypes.get(id(p), torch.float32))
+        else:
+            if id(p) not in done:  # the whole weight back to its dtype, then its rows
+                p.data = p.data.to(dtypes.get(id(p), p.dtype))
+            p.data[rows[0] : rows[1]].copy_(data)
         done.add(id(p))
     for p, dtype in cast:
         if id(p) not in done:
@@ -128,14 +134,22 @@ def restore_weights(
 
 
 def make_masters(
-    params: Sequence[nn.Parameter], dtype: torch.dtype, cast: list[tuple[nn.Parameter, torch.dtype]]
+    params: Sequence[nn.Parameter],
+    dtype: torch.dtype,
+    cast: list[tuple[nn.Parameter, torch.dtype]],
+    shards: Sequence[nn.Parameter] = (),
 ) -> list[nn.Parameter]:
     """fp32 master copies of ``params``, which are then cast to ``dtype`` in place.
 
     Each cast parameter is appended to ``cast`` with its dtype before, for :func:`restore_weights`.
+    Row shards among ``params`` (views of some rows of a weight, see :mod:`.shards`) get a master
+    of their rows but are not cast: their weight is cast whole, with the frozen parameters.
     """
     masters = [nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in params]
+    skip = {id(s) for s in shards}
     for p in params:
+        if id(p) in skip:
+            continue
         # Recorded even when already in ``dtype``: restore_weights gives a trained parameter its
         # master in the dtype it had, and must not take a bf16 model's weights to fp32.
         cast.append((p, p.dtype))

@@ -30,7 +30,8 @@ class Layout:
     """What a state dict must match to load into an optimizer (per group: bottom-up ids).
 
     Attributes:
-        names: Parameter names of each group.
+        names: Parameter names of each group; a row shard's name ends with its rows,
+            ``name[start:stop]``, so that a checkpoint of another split does not load.
         group_names: A readable name per group, for messages.
         shapes: The shape of each parameter of each group.
         param_group_sizes: Per group, how many tensors each torch param group of its optimizer has.
@@ -96,7 +97,9 @@ def validate_state_dict(state_dict: object, layout: Layout) -> Mapping[str, Any]
     if [list(n) for n in meta["groups"]] != layout.names:
         raise ValueError(
             "this checkpoint was saved for a different model or unit split: its groups are "
-            f"{meta['group_names']}, this optimizer's are {layout.group_names}"
+            f"{meta['group_names']}, this optimizer's are {layout.group_names} (the split "
+            "follows HiFTConfig's units_per_group, group_by, max_unit_params, units and blocks; "
+            "a checkpoint from before unit budgets needs max_unit_params=None)"
         )
     _check_shapes(meta.get("shapes"), layout)
     saved_cls = meta.get("optimizer_class")

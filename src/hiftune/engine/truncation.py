@@ -36,16 +36,17 @@ class BackwardTruncation:
 
     Args:
         model: The model whose blocks get the hooks.
-        units: The model's units, bottom-up; those with a ``module`` are its blocks.
+        units: The model's units, bottom-up; their ``module`` paths are its blocks (a block split
+            into sub-units is one block).
     """
 
     def __init__(self, model: nn.Module, units: Iterable[Unit]) -> None:
-        blocks = [(u.name, u.module) for u in units if u.module is not None]
-        self._index = {name: i for i, (name, _) in enumerate(blocks)}
+        blocks = list(dict.fromkeys(u.module for u in units if u.module is not None))
+        self._index = {path: i for i, path in enumerate(blocks)}
         self._lowest: int | None = None  # index of the highest block whose inputs are detached
         self._lowest_active = False  # whether that block belongs to the active group
         self._handles: list[RemovableHandle] = []
-        for i, (_, path) in enumerate(blocks):
+        for i, path in enumerate(blocks):
             block = model.get_submodule(path)
             self._handles.append(
                 block.register_forward_pre_hook(partial(self._hook, i), with_kwargs=True)
@@ -59,7 +60,7 @@ class BackwardTruncation:
         cut = min(group_cut(units), len(self._index))
         self._lowest = cut - 1 if cut > 0 else None
         self._lowest_active = self._lowest is not None and any(
-            self._index.get(u.name) == self._lowest for u in units if u.module is not None
+            self._index.get(u.module) == self._lowest for u in units if u.module is not None
         )
 
     def remove(self) -> None:

@@ -17,6 +17,10 @@ The split is found in three layers, the first that applies wins:
 Each unit also records how many blocks provably run before any of its parameters is used
 (:attr:`Unit.cut`): backward truncation detaches only those blocks' inputs.
 
+Finally, a unit over :attr:`HiFTConfig.max_unit_params` (by default the largest block) is split
+into sub-units and row shards (:mod:`.subunits`); each piece keeps its parent's cut, which stays
+correct since its parameters run no earlier than the parent's.
+
 No weights are read or changed, so it works on the ``meta`` device too (the memory estimator
 relies on that).
 """
@@ -27,14 +31,34 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
 from .config import HiFTConfig
+
+# Units -> groups lives in .groups; its names are re-exported here, where callers have always
+# found them next to split_units.
+from .groups import balanced_bounds, group_cut, group_name, group_units
+from .subunits import split_unit
 from .trace import Trace, trace_forward
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchitectureHints",
+    "Unit",
+    "balanced_bounds",
+    "find_block_stacks",
+    "find_blocks",
+    "group_cut",
+    "group_name",
+    "group_units",
+    "model_type",
+    "split_units",
+    "unit_numel",
+]
 
 EMBED = "embed"
 HEAD = "head"
@@ -71,29 +95,58 @@ class Unit:
     """One unit of the model: the smallest piece HiFT trains on its own.
 
     Attributes:
-        name: ``"embed"``, ``"layers.<i>"`` or ``"head"`` (or the user's names with an override).
-        params: Names of the unit's trainable parameters, as in ``model.named_parameters()``.
-        module: Dotted path of the block module for block units, else ``None``.
+        name: ``"embed"``, ``"layers.<i>"`` or ``"head"`` (or the user's names with an override);
+            a sub-unit adds what it holds, e.g. ``"layers.3.mlp"`` or ``"embed[0:6144]"`` (see
+            :mod:`hiftune.engine.subunits`).
+        params: Names of the unit's trainable parameters, as in ``model.named_parameters()``. A
+            sharded parameter appears in several units, each holding some of its rows.
+        module: Dotted path of the block the unit lies in (the whole block, or a part of it after
+            a split), else ``None``.
         cut: How many blocks (in execution order) run before any parameter of this unit is used:
             their inputs carry no gradient for it, so backward truncation may detach them. 0 (no
             cut) when that is not known, e.g. for the units of an override.
+        rows: For each parameter of which the unit holds only some rows (a row shard), those rows
+            as ``(start, stop)`` along the first dimension; parameters not listed are whole.
+        parent: The name of the unit this one was split from, or ``None``.
     """
 
     name: str
     params: tuple[str, ...]
     module: str | None = field(default=None)
     cut: int = 0
+    rows: Mapping[str, tuple[int, int]] = field(default_factory=dict, hash=False)
+    parent: str | None = None
+
+    def part_shape(self, name: str, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of this unit's part of parameter ``name``, whose full shape is ``shape``."""
+        rows = self.rows.get(name)
+        if rows is None:
+            return tuple(shape)
+        return (rows[1] - rows[0], *shape[1:])
+
+
+def unit_numel(unit: Unit, shapes: Mapping[str, Sequence[int]]) -> int:
+    """The number of parameters ``unit`` trains (only its rows of a sharded parameter).
+
+    Args:
+        unit: The unit.
+        shapes: The full shape of each parameter by name, e.g.
+            ``{n: p.shape for n, p in model.named_parameters()}``.
+    """
+    return sum(math.prod(unit.part_shape(n, shapes[n])) for n in unit.params)
 
 
 def split_units(model: nn.Module, config: HiFTConfig | None = None) -> list[Unit]:
     """Splits ``model`` into its units, bottom-up (embedding first, head last).
 
     Only trainable parameters (``requires_grad=True``) are placed; a tied parameter is placed once,
-    in the embedding unit. Units without trainable parameters are dropped.
+    in the embedding unit. Units without trainable parameters are dropped. Units over
+    ``config.max_unit_params`` are then split into sub-units and row shards (in place of the unit,
+    so the order stays bottom-up); each row of a sharded parameter is in exactly one unit.
 
     Args:
         model: Any ``nn.Module``; Hugging Face models are recognised by ``config.model_type``.
-        config: Supplies the optional ``units`` / ``blocks`` overrides.
+        config: Supplies the optional ``units`` / ``blocks`` overrides and ``max_unit_params``.
 
     Returns:
         The non-empty units in bottom-up order.
@@ -109,39 +162,45 @@ def split_units(model: nn.Module, config: HiFTConfig | None = None) -> list[Unit
             f"{type(model).__name__} has no trainable parameters (all have requires_grad=False); "
             "nothing for HiFT to train."
         )
+    first_use: Mapping[str, int] = {}
     if config.units is not None:
         units = _split_by_override([n for n, _ in named], config.units)
     else:
-        units = _split_by_walk(model, named, config.blocks)
+        units, first_use = _split_by_walk(model, named, config.blocks)
     units = [u for u in units if u.params]
+    units = _apply_budget(model, units, config.max_unit_params, first_use)
     logger.debug("split %s into %d units", type(model).__name__, len(units))
     return units
 
 
-def group_units(units: Sequence[Unit], units_per_group: int) -> list[tuple[Unit, ...]]:
-    """Packs consecutive units into ``ceil(n / m)`` groups of ``m`` (the last may hold fewer).
-
-    Raises:
-        ValueError: If ``units_per_group`` is below 1 or above the number of units.
-    """
-    n = len(units)
-    if not 1 <= units_per_group <= n:
-        raise ValueError(
-            f"units_per_group must be between 1 and the number of units n={n} of this model, "
-            f"got {units_per_group}"
-        )
-    k = math.ceil(n / units_per_group)
-    return [tuple(units[i * units_per_group : (i + 1) * units_per_group]) for i in range(k)]
-
-
-def group_cut(units: Sequence[Unit]) -> int:
-    """How many blocks run before any parameter of the group ``units`` is used (min of the cuts)."""
-    return min((u.cut for u in units), default=0)
-
-
-def group_name(units: Sequence[Unit]) -> str:
-    """A readable name for a group: ``"layers.3"`` or ``"layers.2..layers.4"``."""
-    return units[0].name if len(units) == 1 else f"{units[0].name}..{units[-1].name}"
+def _apply_budget(
+    model: nn.Module,
+    units: list[Unit],
+    max_unit_params: int | str | None,
+    first_use: Mapping[str, int],
+) -> list[Unit]:
+    """Replaces every unit over the budget by its sub-units (see :mod:`.subunits`)."""
+    if max_unit_params is None:
+        return units
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if max_unit_params == "auto":
+        blocks = [unit_numel(u, shapes) for u in units if u.module is not None]
+        if not blocks:
+            return units  # no block to measure by (a units override): the split stays
+        budget = max(blocks)
+    else:
+        budget = int(max_unit_params)
+    out: list[Unit] = []
+    for u in units:
+        parts = split_unit(model, u.params, u.module, budget, first_use)
+        if len(parts) == 1:
+            out.append(u)
+            continue
+        out += [
+            replace(u, name=f"{u.name}{s.suffix}", params=s.params, rows=s.rows, parent=u.name)
+            for s in parts
+        ]
+    return out
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -321,7 +380,8 @@ def _input_embedding_ids(model: nn.Module) -> set[int]:
 
 def _split_by_walk(
     model: nn.Module, named: list[tuple[str, nn.Parameter]], blocks_path: str | None
-) -> list[Unit]:
+) -> tuple[list[Unit], Mapping[str, int]]:
+    """The generic split, with each parameter's first use in the traced pass (empty without)."""
     block_paths = [p for stack in find_block_stacks(model, blocks_path) for p in stack]
     owner: dict[int, str] = {}  # id(param) -> path of the block that holds it
     for path in block_paths:
@@ -329,7 +389,7 @@ def _split_by_walk(
             owner.setdefault(id(p), path)
     trace = trace_forward(model, block_paths)
     if trace is None:
-        return _split_by_registration(model, named, block_paths, owner)
+        return _split_by_registration(model, named, block_paths, owner), {}
     hints = ARCHITECTURES.get(model_type(model) or "", ArchitectureHints())
     embed_ids = _input_embedding_ids(model)
     order = trace.blocks
@@ -362,7 +422,7 @@ def _split_by_walk(
         if i + 1 < n:
             units.append(unit(f"between.{i + 1}", gaps[i + 1]))
     units.append(unit(HEAD, gaps[n]))
-    return units
+    return units, trace.first_use
 
 
 def _cut(

@@ -9,6 +9,13 @@ on the active group's unscaled gradients), and saves and restores ``optimizer.st
 checkpoints (so ``resume_from_checkpoint`` restores the queue, the order, every group's state and
 the delayed scheduler).
 
+Under ``torchrun`` / ``accelerate launch`` the model is prepared without DDP (``_wrap_model``):
+HiFTOptimizer averages the active group's gradients itself, once per optimizer step. The checkpoint
+hooks (``_save``, ``_load_from_checkpoint``, ``_save_optimizer_and_scheduler``,
+``_load_optimizer_and_scheduler``) make every rank join the state gathering of
+``HiFTConfig(shard_state=True)``, and checkpoint a model sharded with FSDP2
+(:mod:`.fsdp_checkpoints`). See ``docs/distributed.md``.
+
 With ``precision="fp16"`` the loss the Trainer backpropagates is scaled by the optimizer's loss
 scale in the backward pass only (:func:`scale_gradients`): the logged loss keeps its value, the
 gradients are scaled, and :meth:`HiFTOptimizer.step` unscales them (skipping overflowing steps).
@@ -31,9 +38,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers import __version__ as transformers_version
 from transformers.optimization import get_scheduler
+from transformers.trainer import SCHEDULER_NAME
 
 from ..engine.config import HiFTConfig
 from ..engine.optimizer import HiFTOptimizer
+from . import fsdp_checkpoints
 
 __all__ = [
     "HiFTCallback",
@@ -114,6 +123,14 @@ class HiFTTrainerMixin(_TrainerBase):
                 f"transformers {transformers_version} lacks; use precision='bf16'"
             )
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            # Both re-shard the model (and rebuild the optimizer's parameters) after HiFT has
+            # built its groups over the original parameters, and assume every one is trainable.
+            raise ValueError(
+                "HiFTTrainer does not run under the Trainer's fsdp or deepspeed options; for "
+                "FSDP2, shard the model with hiftune.engine.fsdp.shard_by_units before the "
+                "Trainer (see docs/distributed.md)"
+            )
         # First in line, so the printer and loggers that run after it see the HiFT fields.
         self.callback_handler.callbacks.insert(0, HiFTCallback())
 
@@ -137,6 +154,73 @@ class HiFTTrainerMixin(_TrainerBase):
         if isinstance(out, tuple):  # return_outputs=True: (loss, outputs)
             return scale_gradients(out[0], hift.loss_scale), out[1]
         return scale_gradients(out, hift.loss_scale)
+
+    def _wrap_model(self, model: Any, training: bool = True, dataloader: Any = None) -> Any:
+        # Under torchrun / accelerate launch, accelerate would wrap the model in DDP here, whose
+        # buckets cover every parameter that requires grad at wrap time (only the active group:
+        # later groups would never be synchronised) and whose reducer fights HiFT's changing set
+        # of trainable parameters. HiFTOptimizer averages the active group's gradients itself,
+        # once per optimizer step; so the model is prepared like the Trainer prepares models that
+        # own their gradient reduction (evaluation_mode: device placement, autocast and
+        # compilation, no DDP), and accelerate's later prepare() leaves it as it is.
+        model = super()._wrap_model(model, training, dataloader)
+        hift = unwrap_hift(self.optimizer)
+        if (
+            training
+            and hift is not None
+            and model is self.model
+            and self.accelerator.use_distributed
+            and self.accelerator.unwrap_model(model, keep_torch_compile=False) is model
+        ):
+            model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        return model
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Every rank comes here from save_model. A model sharded with FSDP2 holds DTensor shards,
+        # which safetensors cannot write: gather the whole weights first (a collective).
+        if state_dict is None and fsdp_checkpoints.is_fsdp2_model(self.model):
+            state_dict = fsdp_checkpoints.full_weights(self.model)  # type: ignore[arg-type]
+        super()._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        model = self.model if model is None else model
+        if fsdp_checkpoints.is_fsdp2_model(model):
+            fsdp_checkpoints.load_full_weights(model, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        hift = unwrap_hift(self.optimizer)
+        if hift is not None and fsdp_checkpoints.is_fsdp2_model(self.model):
+            # FSDP2: each rank's state holds its own shards: one file per rank, and the scheduler.
+            args = self.args
+            path = fsdp_checkpoints.optimizer_shard_path(
+                output_dir, args.process_index, args.world_size
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)  # rank 0 may not have made it yet
+            torch.save(hift.state_dict(), path)
+            if args.should_save and self.lr_scheduler is not None:
+                torch.save(self.lr_scheduler.state_dict(), f"{output_dir}/{SCHEDULER_NAME}")
+            return
+        # With shard_state=True each rank keeps only its share of the groups, so the optimizer's
+        # state_dict() is a collective that brings every group to every rank. The Trainer calls it
+        # on the saving process only; the others join here, so the checkpoint is whole (and
+        # resumes on any number of processes).
+        if hift is not None and hift.sharding is not None and not self.args.should_save:
+            hift.state_dict()
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        hift = unwrap_hift(self.optimizer)
+        if checkpoint is None or hift is None or not fsdp_checkpoints.is_fsdp2_model(self.model):
+            super()._load_optimizer_and_scheduler(checkpoint)
+            return
+        fsdp_checkpoints.load_optimizer_shard(
+            hift, checkpoint, self.args.process_index, self.args.world_size
+        )
+        if self.lr_scheduler is not None:
+            scheduler = torch.load(f"{checkpoint}/{SCHEDULER_NAME}", weights_only=True)
+            self.lr_scheduler.load_state_dict(scheduler)
 
     def _clip_grad_norm(self, model: Any) -> Any:
         # The Trainer would clip model.parameters(): in fp16 those hold the *scaled* gradients,

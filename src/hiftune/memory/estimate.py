@@ -17,7 +17,10 @@ paper's terms:
   peak group for its fp32 masters.
 
 Gradients are fp32, 4 bytes per trainable parameter of the model (FPFT) or of the peak group
-(HiFT). Optimizer state is measured from the real optimizer class
+(HiFT). A group that trains row shards of a parameter (a vocabulary split by
+``HiFTConfig.max_unit_params``) counts its rows everywhere, plus the full-size gradient of that
+parameter in the weights' dtype, which backward computes before the shard's rows are taken out of
+it (an upper bound: it is freed before the optimizer step). Optimizer state is measured from the real optimizer class
 (:class:`~hiftune.memory.state_sizer.StateSizer`), never from a table. HiFT's peak is the group
 whose gradients + state (+ fp32 masters in ``mixed^Hi``) are largest; it is found per optimizer
 and mode, since e.g. Adafactor's state is not proportional to the parameter count. Buffers (rotary
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,7 +49,7 @@ from torch import nn
 from ..engine.config import PRECISIONS, HiFTConfig
 from ..engine.optimizers import METHODS, OPTIMIZERS
 from ..engine.precision import DTYPES
-from ..engine.units import Unit, group_name, group_units, split_units
+from ..engine.units import Unit, group_name, group_units, split_units, unit_numel
 from ..errors import UserError, first_line
 from .configs import build_model, head_of, resolve_config
 from .render import markdown_table
@@ -129,9 +133,10 @@ class EstimateRow:
         return (self.weights_mib + self.grads_mib + self.states_mib) / 1024
 
     def to_dict(self) -> dict[str, Any]:
-        """The row as JSON-ready values; the activation key only when it was estimated."""
+        """The row as JSON-ready values (``group`` as ``peak_group``); the activation key only
+        when it was estimated."""
         out = asdict(self)
-        del out["group"]
+        out["peak_group"] = out.pop("group")
         if out["activations_mib_estimate"] is None:
             del out["activations_mib_estimate"]
         return out
@@ -225,7 +230,9 @@ def estimate(
         base = config or HiFTConfig()
         hift_config = HiFTConfig(**{**base.to_dict(), "units_per_group": units_per_group})
         units = split_units(model, hift_config)
-        groups = group_units(units, units_per_group)
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        sizes = [unit_numel(u, shapes) for u in units]
+        groups = group_units(units, units_per_group, hift_config.group_by, sizes)
     except ValueError as e:
         raise UserError(first_line(e)) from None
     named = dict(model.named_parameters())  # deduplicated: a tied weight appears once
@@ -240,8 +247,8 @@ def estimate(
     )
     # Candidate peaks per method: FPFT trains everything at once, HiFT one group at a time.
     candidates = {
-        "fpft": [("all", [n for n, p in named.items() if p.requires_grad])],
-        "hift": [(group_name(g), [n for u in g for n in u.params]) for g in groups],
+        "fpft": [("all", [_Part(n, tuple(p.shape)) for n, p in named.items() if p.requires_grad])],
+        "hift": [(group_name(g), _parts(g, named)) for g in groups],
     }
 
     activations = (
@@ -253,13 +260,12 @@ def estimate(
     rows: dict[str, list[EstimateRow]] = {"fpft": [], "hift": []}
     for opt_name in optimizers:
         sizer = StateSizer.from_name(opt_name)
-        state_of = {n: sizer.bytes(named[n].shape) for n in candidates["fpft"][0][1]}
         for method, method_rows in rows.items():
             for precision in precisions:
                 act = activations[precision][method] if activations else None
                 for mode in modes(method, precision, hift_mixed):
-                    group, names = _peak(candidates[method], mode, named, state_of)
-                    n_peak = sum(named[n].numel() for n in names)
+                    group, parts = _peak(candidates[method], mode, named, sizer)
+                    n_peak = sum(p.numel for p in parts)
                     method_rows.append(
                         EstimateRow(
                             method=method,
@@ -268,8 +274,8 @@ def estimate(
                             mode=mode,
                             trainable_params=n_peak,
                             weights_mib=_weight_bytes(mode, all_params, n_peak) / MiB,
-                            grads_mib=n_peak * _FP32 / MiB,
-                            states_mib=sum(state_of[n] for n in names) / MiB,
+                            grads_mib=_grad_bytes(mode, parts, named) / MiB,
+                            states_mib=sum(sizer.bytes(p.shape) for p in parts) / MiB,
                             group=group,
                             activations_mib_estimate=act,
                         )
@@ -277,17 +283,42 @@ def estimate(
     return rows["fpft"] + rows["hift"]
 
 
+@dataclass(frozen=True)
+class _Part:
+    """What a group trains of one parameter: all of it, or a row shard (``sharded``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    sharded: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _parts(group: Sequence[Unit], named: dict[str, nn.Parameter]) -> list[_Part]:
+    return [_Part(n, u.part_shape(n, named[n].shape), n in u.rows) for u in group for n in u.params]
+
+
+def _grad_bytes(mode: str, parts: Sequence[_Part], named: dict[str, nn.Parameter]) -> int:
+    """fp32 gradients of ``parts``, plus the transient full-size gradient of a sharded weight."""
+    full = {p.name for p in parts if p.sharded}
+    weight_bytes = _FP32 if mode == "fp32" else _HALF
+    return sum(p.numel for p in parts) * _FP32 + sum(named[n].numel() * weight_bytes for n in full)
+
+
 def _peak(
-    candidates: Sequence[tuple[str, list[str]]],
+    candidates: Sequence[tuple[str, list[_Part]]],
     mode: str,
     named: dict[str, nn.Parameter],
-    state_of: dict[str, int],
-) -> tuple[str, list[str]]:
+    sizer: StateSizer,
+) -> tuple[str, list[_Part]]:
     """The group with the most bytes of its own (fp32 masters + gradients + state)."""
     masters = _FP32 if mode == "mixed^Hi" else 0
     own = [
-        sum(named[n].numel() * (masters + _FP32) + state_of[n] for n in names)
-        for _, names in candidates
+        sum(p.numel * masters + sizer.bytes(p.shape) for p in parts)
+        + _grad_bytes(mode, parts, named)
+        for _, parts in candidates
     ]
     return candidates[own.index(max(own))]  # the first of equals, bottom-up
 
@@ -331,7 +362,7 @@ def _activation_estimates(
                 # Classification heads pool at the last non-pad token and refuse batches > 1
                 # without a pad id; the id's value does not change what is saved.
                 config.pad_token_id = 0
-            names = [[n for u in g for n in u.params] for g in groups]
+            names = [list(dict.fromkeys(n for u in g for n in u.params)) for g in groups]
             fpft = _saved_bytes(probe, None, head, batch_size, seq_len)
             hift = max(_saved_bytes(probe, g, head, batch_size, seq_len) for g in names)
             by_dtype[dtype] = {"fpft": fpft / MiB, "hift": hift / MiB}

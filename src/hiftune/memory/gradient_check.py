@@ -97,7 +97,7 @@ def _check(
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """``(shared, no_gradient)``: parameters used by several blocks, and those no pass reaches."""
     named = dict(model.named_parameters())
-    managed = [n for u in units for n in u.params]
+    managed = list(dict.fromkeys(n for u in units for n in u.params))  # a sharded one once
     flags = {n: p.requires_grad for n, p in named.items()}
     was_training = model.training
     model.eval()  # no dropout: a dummy batch only has to reach every parameter
@@ -121,7 +121,8 @@ def _check(
         for g in groups:
             truncation.set_active(g)
             reached = _reached(model, named, head)
-            cut = [n for u in g for n in u.params if n not in unused and n not in reached]
+            params = dict.fromkeys(n for u in g for n in u.params)
+            cut = [n for n in params if n not in unused and n not in reached]
             if cut:
                 no_gradient[group_name(g)] = cut
     finally:
@@ -169,11 +170,12 @@ def _record_use(model: nn.Module, units: Sequence[Unit]) -> tuple[dict[str, set[
     used: dict[str, set[str]] = {}
     stack: list[str] = []
     handles = []
-    for u in units:
-        if u.module is not None:
-            block = model.get_submodule(u.module)
-            handles.append(block.register_forward_pre_hook(lambda *_, n=u.name: stack.append(n)))
-            handles.append(block.register_forward_hook(lambda *_: _pop(stack), always_call=True))
+    # One name per block: its unit's, or for a block split into sub-units the unit it was split from.
+    blocks = {u.module: u.parent or u.name for u in units if u.module is not None}
+    for path, name in blocks.items():
+        block = model.get_submodule(path)
+        handles.append(block.register_forward_pre_hook(lambda *_, n=name: stack.append(n)))
+        handles.append(block.register_forward_hook(lambda *_: _pop(stack), always_call=True))
     for module in model.modules():
         own = [canonical[id(p)] for p in module.parameters(recurse=False)]
         if own:

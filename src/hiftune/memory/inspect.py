@@ -25,7 +25,7 @@ from torch import nn
 from ..engine.config import PRECISIONS, HiFTConfig
 from ..engine.order import group_order
 from ..engine.precision import DTYPES
-from ..engine.units import Unit, group_name, group_units, split_units
+from ..engine.units import Unit, group_name, group_units, split_units, unit_numel
 from ..errors import UserError, first_line
 from .gradient_check import FULL, check_gradients
 
@@ -35,13 +35,25 @@ LARGE_UNIT_RATIO = 2.0
 
 @dataclass(frozen=True)
 class UnitInfo:
-    """One unit: its name, block module (if any), trainable parameter count and weight bytes."""
+    """One unit: its name, block module (if any), trainable parameter count and weight bytes.
+
+    Attributes:
+        name: The unit's name (a sub-unit's says what it holds, e.g. ``layers.3.mlp``).
+        module: The block it lies in, if any.
+        params: Trainable parameters (of a row shard: its rows only).
+        bytes: Weight bytes of those parameters in the inspected precision.
+        tensors: How many parameter tensors it holds (some of them in part, for a row shard).
+        parent: The unit it was split from (``HiFTConfig.max_unit_params``), if any.
+        rows: The rows ``[start, stop]`` it holds of each sharded parameter.
+    """
 
     name: str
     module: str | None
     params: int
     bytes: int
     tensors: int
+    parent: str | None = None
+    rows: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,23 +140,29 @@ def inspect_split(
             **{**base, "units_per_group": units_per_group, "order": order, "seed": seed}
         )
         units = split_units(model, hift)
-        groups = group_units(units, units_per_group)
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        counts = {u.name: unit_numel(u, shapes) for u in units}
+        groups = group_units(units, units_per_group, hift.group_by, list(counts.values()))
         training_order = group_order(len(groups), order, seed)
     except ValueError as e:
         raise UserError(first_line(e)) from None
     named = dict(model.named_parameters())  # a tied tensor once, under its first name
     size = torch.empty((), dtype=DTYPES[precision]).element_size()
-
-    def count(names: Sequence[str]) -> int:
-        return sum(named[n].numel() for n in names)
-
     unit_infos = [
-        UnitInfo(u.name, u.module, count(u.params), count(u.params) * size, len(u.params))
+        UnitInfo(
+            u.name,
+            u.module,
+            counts[u.name],
+            counts[u.name] * size,
+            len(u.params),
+            u.parent,
+            {n: list(r) for n, r in u.rows.items()},
+        )
         for u in units
     ]
     group_infos = []
     for step, i in enumerate(training_order, start=1):
-        n = sum(count(u.params) for u in groups[i])
+        n = sum(counts[u.name] for u in groups[i])
         group_infos.append(
             GroupInfo(step, i, group_name(groups[i]), tuple(u.name for u in groups[i]), n, n * size)
         )

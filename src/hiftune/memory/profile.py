@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..engine.config import PRECISIONS
+from ..engine.config import PRECISIONS, HiFTConfig
 from ..engine.optimizers import METHODS
 from ..engine.units import group_units, split_units
 from ..errors import UserError
@@ -141,7 +141,8 @@ def build_specs(
             creates every group's state, so paging reaches its steady state only in the second),
             one step for FPFT (whose first step creates the state).
         **common: Other :class:`RunSpec` fields (task, batch_size, seq_len, optimizer,
-            units_per_group, seed, device, offload_dir, timing, threads).
+            units_per_group, max_unit_params, group_by, seed, device, offload_dir, timing,
+            threads).
 
     Raises:
         UserError: For unknown names or a combination that cannot run; the message is meant
@@ -165,7 +166,7 @@ def build_specs(
         if problem:
             raise UserError(problem)
 
-    k = count_groups(model, first.task, first.units_per_group, first.seq_len)
+    k = count_groups(model, first.task, first.seq_len, first.split_config())
     hift_steps = steps or k
     specs = []
     if "fpft" in methods:
@@ -199,9 +200,15 @@ def build_specs(
 
 
 def count_groups(
-    model: str, task: str = "causal-lm", units_per_group: int = 1, seq_len: int = 0
+    model: str, task: str = "causal-lm", seq_len: int = 0, hift: HiFTConfig | None = None
 ) -> int:
     """k, the number of HiFT groups of ``model`` (built on the meta device: no memory used).
+
+    Args:
+        model: A preset name or a Hugging Face ``config.json`` file or directory.
+        task: A key of :data:`~hiftune.memory.configs.TASK_HEADS`.
+        seq_len: Tokens per sequence (checked against the model's positions).
+        hift: The unit split: m, the unit budget and the grouping (default ``HiFTConfig()``).
 
     Raises:
         UserError: If the model cannot be read or built, ``units_per_group`` exceeds its units,
@@ -215,7 +222,8 @@ def count_groups(
                 f"seq_len {seq_len} exceeds the model's max_position_embeddings {max_pos}"
             )
         meta = build_model(config, task, device="meta")
-        return len(group_units(split_units(meta), units_per_group))
+        hift = hift or HiFTConfig()
+        return len(group_units(split_units(meta, hift), hift.units_per_group))
     except UserError:
         raise
     except ValueError as e:  # the model tools' and the engine's messages are meant for the user

@@ -90,6 +90,8 @@ class RunSpec:
         seq_len: Tokens per sequence.
         optimizer: A name of :data:`hiftune.engine.optimizers.OPTIMIZERS`.
         units_per_group: HiFT's m.
+        max_unit_params: HiFT's unit size budget (:attr:`HiFTConfig.max_unit_params`).
+        group_by: How HiFT packs units into groups (:attr:`HiFTConfig.group_by`).
         offload: HiFT's offload, or ``"discard"`` (inactive state thrown away: the floor).
         precision: HiFT's precision (FPFT always runs in fp32).
         steps: Timed steps.
@@ -114,6 +116,8 @@ class RunSpec:
     seq_len: int = 128
     optimizer: str = "adamw"
     units_per_group: int = 1
+    max_unit_params: int | str | None = "auto"
+    group_by: str = "count"
     offload: str = "disk"
     precision: str = "fp32"
     steps: int = 1
@@ -139,6 +143,10 @@ class RunSpec:
         for name in ("batch_size", "seq_len", "units_per_group", "steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        try:  # the split options mean what they mean to the engine, checked by it
+            self.split_config()
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if self.warmup < 0:
             raise UserError(f"warmup must be >= 0, got {self.warmup}")
         if self.threads is not None and self.threads < 1:
@@ -149,6 +157,14 @@ class RunSpec:
             problem = discard_problem(self.precision, self.optimizer)
             if problem:
                 raise UserError(problem)
+
+    def split_config(self) -> HiFTConfig:
+        """The engine's config of this run's unit split (m, unit budget, grouping)."""
+        return HiFTConfig(
+            units_per_group=self.units_per_group,
+            max_unit_params=self.max_unit_params,  # type: ignore[arg-type]
+            group_by=self.group_by,  # type: ignore[arg-type]
+        )
 
     @property
     def label(self) -> str:
@@ -245,15 +261,14 @@ def measure_run(spec: RunSpec, on_step: Callable[[int], None] | None = None) -> 
     )
     model.train()
     params = list(model.parameters())  # tied weights appear once
-    model_ids = {id(p) for p in params}
     num_params = sum(p.numel() for p in params)
     opt_cls, opt_kwargs = resolve_optimizer(spec.optimizer, lr=LR)
 
     opt: torch.optim.Optimizer
     if hift:
         store_offload = "none" if spec.offload == "discard" else spec.offload
-        hcfg = HiFTConfig(
-            units_per_group=spec.units_per_group,
+        hcfg = dataclasses.replace(
+            spec.split_config(),
             offload=store_offload,  # type: ignore[arg-type]
             offload_dir=spec.offload_dir if store_offload == "disk" else None,
             precision=spec.precision,  # type: ignore[arg-type]
@@ -268,7 +283,7 @@ def measure_run(spec: RunSpec, on_step: Callable[[int], None] | None = None) -> 
     keeps_inactive = hift and (
         spec.offload == "none" or (spec.offload == "host" and device.type == "cpu")
     )
-    meter = _StateMeter(model_ids, keeps_inactive, num_params if mixed else 0)
+    meter = _StateMeter(params, keeps_inactive, num_params if mixed else 0)
     handle = register_optimizer_step_post_hook(meter)
 
     batches = _BatchMaker(config, spec, device)
@@ -371,8 +386,10 @@ class _StateMeter:
     is skipped: its state is a view of the groups'.
     """
 
-    def __init__(self, model_ids: set[int], keeps_inactive: bool, all_masters: int) -> None:
-        self._model_ids = model_ids
+    def __init__(
+        self, model_params: list[torch.nn.Parameter], keeps_inactive: bool, all_masters: int
+    ) -> None:
+        self._model_params = model_params
         self._keeps_inactive = keeps_inactive
         self._all_master_bytes = all_masters * 4  # fp32 masters of every group
         self._state_of: dict[int, int] = {}  # id(optimizer) -> bytes of its state when last seen
@@ -389,7 +406,10 @@ class _StateMeter:
         state = tensor_bytes(list(optimizer.state.values()))  # non-tensor values count 0
         self._state_of[id(optimizer)] = state
         stepped = [p for g in optimizer.param_groups for p in g["params"]]
-        masters = [p for p in stepped if id(p) not in self._model_ids]  # mixed precision
+        # fp32 masters (mixed precision) are what the optimizer steps that is not the model's own
+        # memory: a row shard is a view of its weight's storage, so it is not a master.
+        model = {p.untyped_storage().data_ptr() for p in self._model_params}
+        masters = [p for p in stepped if p.untyped_storage().data_ptr() not in model]
         self.step_grad_bytes = tensor_bytes([p.grad for p in masters])
         if self._keeps_inactive:
             self.step_state_bytes = sum(self._state_of.values())

@@ -1,0 +1,38 @@
+"""Argument types shared by the sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from hiftune.cli.types import add_split_arguments, split_config, unit_budget
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("auto", "auto"), ("AUTO", "auto"), ("none", None), ("1000", 1000), ("30e6", 30_000_000)],
+)
+def test_unit_budget_parses(text: str, expected: object) -> None:
+    assert unit_budget(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "1.5", "big", ""])
+def test_unit_budget_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        unit_budget(text)
+
+
+def test_split_options_become_the_engine_config() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--units-per-group", type=int, default=1)
+    add_split_arguments(parser)
+    default = split_config(parser.parse_args([]))
+    assert (default.max_unit_params, default.group_by, default.units_per_group) == (
+        "auto",
+        "count",
+        1,
+    )
+    args = parser.parse_args(["--max-unit-params", "none", "--group-by", "size"])
+    config = split_config(args)
+    assert (config.max_unit_params, config.group_by) == (None, "size")

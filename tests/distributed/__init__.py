@@ -1,0 +1,1 @@
+"""Helpers that launch tests in several processes (torchrun, accelerate launch)."""
