@@ -167,8 +167,7 @@ def run(method: methods.Method, workload: str, lr: float, seed: int, s: Settings
     random.seed(seed)
     torch.manual_seed(seed)
     spec = TASKS[workload]
-    path, _ = resolve_model(spec["model"])
-    model, tokenizer = load_model_and_tokenizer(path, spec["task"])
+    model, tokenizer = load_model_and_tokenizer(resolve_model(spec["model"]), spec["task"])
     if method.family != "hift":
         # HiFT's mixed^Hi takes the fp32 checkpoint and keeps fp32 masters of it; every other
         # bf16 method starts from a bf16 model, as with a bf16 checkpoint.

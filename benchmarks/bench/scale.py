@@ -18,30 +18,12 @@ from hiftune.memory.estimate import estimate
 
 GiB = 2**30
 
-#: Llama-3.1-8B's architecture (the numbers of its published ``config.json``).
-LLAMA_31_8B: dict[str, Any] = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=131072,
-    rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
 MODELS = ("llama-2-7b", "llama-3.1-8b")
 
 
 def meta_model(name: str) -> nn.Module:
     """The architecture on the ``meta`` device (shapes only, no memory)."""
-    if name == "llama-3.1-8b":
-        from transformers import LlamaConfig
-
-        config: Any = LlamaConfig(**LLAMA_31_8B)
-    else:
-        config = resolve_config(name)
-    return build_model(config, "causal-lm", device="meta")
+    return build_model(resolve_config(name), "causal-lm", device="meta")
 
 
 def _lowrank(name: str, p: nn.Parameter) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,14 +72,20 @@ def make_tokenizer(path: Path | None = None):
     return fast
 
 
-def make_llama(path: Path) -> Path:
-    """A 2-block llama causal LM with tied embeddings, saved with its tokenizer."""
+def make_llama(path: Path, tok: Any = None, **config_overrides: Any) -> Path:
+    """A 2-block llama causal LM (tied embeddings unless overridden), saved with its tokenizer.
+
+    Args:
+        path: Where to save it.
+        tok: Its tokenizer (default :func:`make_tokenizer`).
+        **config_overrides: ``LlamaConfig`` fields to change.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = make_tokenizer()
+    tok = tok if tok is not None else make_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=len(tok),
         hidden_size=16,
         intermediate_size=32,
@@ -91,6 +98,7 @@ def make_llama(path: Path) -> Path:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
+    config = LlamaConfig(**{**fields, **config_overrides})
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -159,3 +167,11 @@ def sft_jsonl(tmp_path: Path) -> Path:
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture
+def datasets_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test's own ``datasets`` cache (local files are prepared into it)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")

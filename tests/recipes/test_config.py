@@ -33,8 +33,10 @@ def test_bad_values_are_user_errors() -> None:
     # The CLI turns exactly these into one line and exit code 2; Python callers catch them too.
     with pytest.raises(UserError, match="optimizer must be one of adamw, sgd"):
         TrainRecipeConfig(optimizer="lion")
-    with pytest.raises(UserError, match="unknown option 'learning_rate'"):
-        build_config({"learning_rate": 0.1})
+    with pytest.raises(UserError, match="unknown option 'learning_rte'"):
+        build_config({"learning_rte": 0.1})
+    with pytest.raises(UserError, match="scheduler must be one of linear"):
+        TrainRecipeConfig(scheduler="reduce_lr_on_plateau")  # needs metrics HiFT has no cycle of
 
 
 def test_file_then_explicit_values(tmp_path: Path) -> None:

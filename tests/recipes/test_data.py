@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 from pathlib import Path
 
 import pytest
@@ -41,38 +40,17 @@ def test_subsample_is_seeded() -> None:
     assert D.subsample(rows, 10, 1) == D.subsample(rows, 10, 1)
     assert D.subsample(rows, 10, 1) != D.subsample(rows, 10, 2)
     assert D.subsample(rows, None, 1) == rows
+    picked = D.sample_indices(100, 10, 1)
+    assert picked == sorted(set(picked)) and D.subsample(rows, 10, 1) == [rows[i] for i in picked]
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
-def test_read_records_jsonl_and_csv(tmp_path: Path, suffix: str) -> None:
-    path = tmp_path / f"d{suffix}"
-    if suffix == ".jsonl":
-        path.write_text('{"t": "a", "y": 1}\n\n{"t": "b", "y": 0}\n')
-    else:
-        path.write_text("t,y\na,1\nb,0\n")
+def test_user_records_from_a_file_through_datasets(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"t": "a", "y": 1}\n\n{"t": "b", "y": 0}\n')
     records = D.select_fields(D.read_records(path), {"text": "t", "label": "y"}, str(path))
     assert [r["text"] for r in records] == ["a", "b"]
     encoded, classes = D.encode_labels(records)
     assert classes == ["0", "1"] and [r["label"] for r in encoded] == [1, 0]
-
-
-@pytest.mark.parametrize(
-    ("content", "name", "message"),
-    [
-        (None, "missing.jsonl", "does not exist"),
-        ("", "empty.jsonl", "holds no examples"),
-        ("t,y\n", "empty.csv", "holds no examples"),
-        ("{not json}\n", "bad.jsonl", "bad.jsonl:1 is not a JSON object"),
-        ("[1, 2]\n", "list.jsonl", "is not a JSON object"),
-        ("x", "data.txt", "unknown data format"),
-    ],
-)
-def test_read_records_errors(tmp_path: Path, content: str | None, name: str, message: str) -> None:
-    path = tmp_path / name
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(D.DataError, match=message):
-        D.read_records(path)
 
 
 def test_missing_field_names_the_available_fields() -> None:
@@ -86,13 +64,6 @@ def test_labels_need_two_classes() -> None:
         D.encode_labels([{"label": "x"}, {"label": "x"}])
     encoded, classes = D.encode_labels([{"label": "pos"}, {"label": "neg"}, {"label": 10}])
     assert classes == ["10", "neg", "pos"] and [r["label"] for r in encoded] == [2, 1, 0]
-
-
-def test_holdout_splits_need_three_examples() -> None:
-    with pytest.raises(D.DataError, match="at least 3"):
-        D.holdout_splits([{"a": 1}, {"a": 2}])
-    splits = D.holdout_splits([{"a": i} for i in range(30)])
-    assert {k: len(v) for k, v in splits.items()} == {"test": 3, "validation": 3, "train": 24}
 
 
 def test_prompt_format_and_label_tokens(word_tokenizer) -> None:
@@ -115,18 +86,6 @@ def test_encode_prompt_cls_truncates_from_the_left(word_tokenizer) -> None:
     assert tok.decode(ex["input_ids"][-2:]) == "it was"
 
 
-def test_encode_sft_masks_the_prompt(word_tokenizer) -> None:
-    tok = word_tokenizer
-    (ex,) = D.encode_sft([{"prompt": "a good film", "response": "positive"}], tok, 64)
-    kept = [t for t, y in zip(ex["input_ids"], ex["labels"], strict=True) if y != -100]
-    assert tok.decode(kept) == "positive </s>"
-    with pytest.raises(D.DataError, match="raise --max-length"):
-        D.encode_sft([{"prompt": "a good film", "response": "positive"}], tok, 3)
-    tok.chat_template = None
-    with pytest.raises(D.DataError, match="chat template"):
-        D.encode_sft([{"prompt": "a", "response": "b"}], tok, 64)
-
-
 def test_collator_pads_left_with_positions_and_right_with_ignored_labels() -> None:
     feats = [{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8], "labels": 0}]
     b = D.PadCollator(0, "left", position_ids=True)(feats)
@@ -140,13 +99,7 @@ def test_collator_pads_left_with_positions_and_right_with_ignored_labels() -> No
     assert b["labels"].dtype == torch.long
 
 
-def test_jsonl_roundtrip_with_json_module(tmp_path: Path) -> None:
-    path = tmp_path / "x.json"
-    path.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
-    assert D.read_records(path) == [{"prompt": "p", "response": "r"}]
-
-
 def test_bundled_sentiment_as_sft_pairs():
     pairs = D.as_sft([{"text": "A dull film.", "label": 0}, {"text": "A joy.", "label": 1}])
-    assert [p["response"] for p in pairs] == ["negative", "positive"]
+    assert [p["completion"] for p in pairs] == ["negative", "positive"]
     assert pairs[0]["prompt"].endswith("\n\nA dull film.") and "{text}" not in pairs[1]["prompt"]

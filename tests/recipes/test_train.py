@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -51,8 +52,14 @@ def test_prompt_cls_end_to_end(
     )  # fmt: skip
     assert code == 0
     assert "zero-shot:  accuracy" in out and "fine-tuned: accuracy" in out and str(out_dir) in out
+    # The plan comes first, before training: units, groups, estimated memory.
+    assert out.index("plan: ") < out.index("fine-tuned:")
+    assert "units: 4 (embed, layers.0-1, head)" in out and "HiFT" in out and "vs FPFT" in out
     report = json.loads((out_dir / "report.json").read_text())
     assert report["steps"] == 4 and report["method"] == method
+    assert report["plan"]["groups"] == ["embed", "layers.0", "layers.1", "head"]
+    assert report["plan"]["hift"]["total"] < report["plan"]["fpft"]["total"]
+    assert report["samples"] is None  # classification: nothing to generate
     assert 0 <= report["zero_shot"]["accuracy"] <= 1 and 0 <= report["final"]["accuracy"] <= 1
     assert [s["step"] for s in report["per_step"]] == [1, 2, 3, 4]
     assert all(s["memory_mib"] > 0 and s["loss"] > 0 for s in report["per_step"])
@@ -73,7 +80,7 @@ def test_prompt_cls_learns(
 ) -> None:
     code, _, _ = run_cli(
         capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, "--batch-size", "8",
-        "--epochs", "8", "--lr", "3e-2", "--eval-split", "validation", "--units-per-group", "1",
+        "--epochs", "8", "--lr", "2e-2", "--eval-split", "validation", "--units-per-group", "1",
         "--output-dir", tmp_path,
     )  # fmt: skip
     assert code == 0
@@ -119,7 +126,36 @@ def test_sft_with_chat_template(
     )  # fmt: skip
     assert code == 0
     assert "fine-tuned: loss" in out
-    assert json.loads((tmp_path / "report.json").read_text())["final"]["loss"] > 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["final"]["loss"] > 0
+    # Up to three held-out prompts (there are 2 here), answered before and after training.
+    samples = report["samples"]
+    assert len(samples) == min(3, report["eval_examples"]) > 0
+    assert all(s["prompt"].startswith("user : review") for s in samples)
+    assert all(isinstance(s["base"], str) and isinstance(s["fine_tuned"], str) for s in samples)
+    assert all(s["reference"] in ("positive", "negative") for s in samples)
+    assert "Held-out prompts" in (tmp_path / "report.md").read_text()
+    assert "held-out prompt 1: user : review" in out
+
+
+def test_training_arguments_options_reach_the_trainer(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_llama: Path, sft_jsonl: Path
+) -> None:
+    code, _, err = run_cli(
+        capsys, "--model", tiny_llama, "--task", "sft", "--data", sft_jsonl,
+        "--prompt-field", "question", "--response-field", "answer", *FAST, "--no-zero-shot",
+        "--gradient-checkpointing", "--report-to", "tensorboard", "--learning-rate", "0.01",
+        "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["lr"] == 0.01
+    assert report["config"]["training_args"] == {
+        "gradient_checkpointing": True,
+        "report_to": "tensorboard",
+    }
+    assert all(math.isfinite(s["loss"]) for s in report["per_step"])
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sgdm", "adagrad", "adafactor"])
@@ -261,9 +297,14 @@ def test_error_bad_config_values(capsys, tmp_path: Path) -> None:
     code, _, err = run_cli(capsys, "--batch-size", "0")
     assert_one_line_error(code, err, "batch_size must be an integer >= 1")
     bad = tmp_path / "c.yaml"
-    bad.write_text("lr: 1e-4\nlearning_rate: 3\n")
+    bad.write_text("lr: 1e-4\nlearning_rte: 3\n")
     code, _, err = run_cli(capsys, "--config", bad)
-    assert_one_line_error(code, err, "unknown key 'learning_rate'")
+    assert_one_line_error(code, err, "unknown option 'learning_rte'")
+    bad.write_text("lr: 1e-4\nlearning_rate: 3\n")  # hiftune's name and TrainingArguments'
+    code, _, err = run_cli(capsys, "--config", bad)
+    assert_one_line_error(code, err, "lr='1e-4' and learning_rate=3 in")
+    code, _, err = run_cli(capsys, "--optim", "adamw_torch")
+    assert_one_line_error(code, err, "optim cannot be set: hiftune builds the optimizer itself")
     code, _, err = run_cli(capsys, "--config", tmp_path / "absent.yaml")
     assert_one_line_error(code, err, "does not exist")
 
@@ -355,3 +396,26 @@ def test_resume_from_a_different_run_is_refused(
     # More steps is a legitimate change: the run continues.
     code, _, err = run_cli(capsys, "--resume", ckpt, "--max-steps", "5")
     assert code == 0, err
+
+
+def test_a_resumed_generation_run_keeps_its_base_answers(
+    capsys, monkeypatch, tmp_path: Path, tiny_llama: Path, sft_jsonl: Path
+) -> None:
+    args = [
+        "--model", tiny_llama, "--task", "sft", "--data", sft_jsonl, "--prompt-field", "question",
+        "--response-field", "answer", "--batch-size", "4", "--max-steps", "4", "--lr", "1e-2",
+        "--no-zero-shot", "--units-per-group", "1",
+    ]  # fmt: skip
+    code, _, err = run_cli(capsys, *args, "--output-dir", tmp_path / "straight")
+    assert code == 0, err
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 2)
+        code, _, _ = run_cli(capsys, *args, "--output-dir", tmp_path / "cut")
+    assert code == 130
+    code, _, err = run_cli(capsys, "--resume", tmp_path / "cut")
+    assert code == 0, err
+    straight = json.loads((tmp_path / "straight" / "report.json").read_text())["samples"]
+    resumed = json.loads((tmp_path / "cut" / "report.json").read_text())["samples"]
+    # The base answers come with the checkpoint's run file, and the resumed run ends with the
+    # straight run's weights: the same report as without the interruption.
+    assert resumed == straight and all(s["base"] is not None for s in resumed)

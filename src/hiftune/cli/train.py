@@ -14,8 +14,9 @@ from collections.abc import Iterator, Mapping
 from types import FrameType
 from typing import Any
 
-from ..engine.config import OFFLOADS, ORDERS, PRECISIONS
+from ..engine.config import GROUP_BY, OFFLOADS, ORDERS, PRECISIONS
 from ..engine.optimizers import METHODS, OPTIMIZERS
+from ..recipes.arguments import CONTROLLED
 from ..recipes.config import (
     EVAL_SPLITS,
     SCHEDULERS,
@@ -23,8 +24,9 @@ from ..recipes.config import (
     build_config,
     config_keys,
 )
-from ..recipes.models import PRESETS, TASKS
+from ..recipes.models import DTYPES, PRESETS, TASKS
 from ..recipes.report import format_metrics
+from .types import unit_budget
 
 #: Exit code of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT); SIGTERM gives
 #: 143 and SIGHUP 129, the codes a scheduler expects of a job its signal ended.
@@ -36,35 +38,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Every flag defaults to argparse.SUPPRESS: unset flags stay absent from the namespace, so a
     # config file's values are not overridden by defaults.
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    # The generated usage would list all ~200 options; the sections below describe them.
+    parser.usage = "hiftune train [--model MODEL] [--data DATA ...] [--task TASK] [options]"
     _add_model_data_arguments(parser)
     _add_training_arguments(parser)
+    _add_transformers_arguments(parser)
 
 
 def _add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that say which model, which data and which task."""
     S = argparse.SUPPRESS
     d = TrainRecipeConfig()
-    g = parser.add_argument_group("model and data")
+    g = parser.add_argument_group("model")
     presets = ", ".join(f"{k} ({v.description})" for k, v in PRESETS.items())
     g.add_argument(
         "--model",
         default=S,
-        help=f"preset [{presets}] or a local HF model directory (default {d.model})",
+        help=f"preset [{presets}], a local HF model directory, or a Hugging Face Hub id "
+        f"(from the cache under HF_HOME; downloaded unless HF_HUB_OFFLINE=1) (default {d.model})",
     )
+    g.add_argument("--revision", default=S, help="Hub model revision: branch, tag or commit")
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=S,
+        help="let a Hub model run its own modelling code",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=S,
+        help=f"precision of the loaded weights; auto: the checkpoint's (default {d.dtype})",
+    )
+    g = parser.add_argument_group("data and task")
     g.add_argument(
         "--task",
         choices=TASKS,
         default=S,
-        help=f"prompt-cls: label word after a prompt; seq-cls: classification head; sft: prompt/response pairs, loss on the response (default {d.task})",
+        help="prompt-cls: label word after a prompt; seq-cls: classification head; sft: chat "
+        "messages (loss on the assistant turns), prompt/completion pairs (loss on the "
+        "completion) or plain text (loss on all tokens), detected from the fields "
+        f"(default {d.task})",
     )
     g.add_argument(
         "--data",
+        nargs="+",
         default=S,
-        help="JSONL or CSV file (default: the bundled movie-review sentiment data)",
+        help="JSONL/JSON/CSV/TSV/Parquet/TXT files (or a quoted glob), a save_to_disk or data "
+        "directory, or a Hub dataset id (default: the bundled movie-review sentiment data)",
     )
-    g.add_argument("--text-field", default=S, help=f"(default {d.text_field})")
+    g.add_argument("--data-config", default=S, help="the Hub dataset's configuration name")
+    g.add_argument("--data-split", default=S, help=f"split to train on (default {d.data_split})")
+    g.add_argument(
+        "--text-field", default=S, help=f"classification, sft plain text (default {d.text_field})"
+    )
     g.add_argument("--label-field", default=S, help=f"(default {d.label_field})")
+    g.add_argument("--messages-field", default=S, help=f"sft (default {d.messages_field})")
     g.add_argument("--prompt-field", default=S, help=f"sft (default {d.prompt_field})")
+    g.add_argument(
+        "--completion-field",
+        default=S,
+        help=f"sft (default {d.completion_field}; else --response-field)",
+    )
     g.add_argument("--response-field", default=S, help=f"sft (default {d.response_field})")
     g.add_argument(
         "--template", default=S, help=f"prompt-cls prompt with {{text}} (default {d.template!r})"
@@ -79,20 +114,32 @@ def _add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--train-samples",
-        type=_int_or_none,
         default=S,
-        help=f"seeded subset of the training split; 'all' for everything (default {d.train_samples})",
+        help="seeded subset of the training split, or 'all' (default: all of your data; "
+        "1600 of the bundled demo)",
     )
     g.add_argument(
         "--eval-samples",
-        type=_int_or_none,
         default=S,
-        help=f"first N of the evaluation split; 'all' (default {d.eval_samples})",
+        help="first N of the evaluation split, or 'all' (default: all of your data; 500 of the "
+        "bundled demo)",
     )
-    g.add_argument("--eval-split", choices=EVAL_SPLITS, default=S, help=f"(default {d.eval_split})")
+    g.add_argument(
+        "--eval-split",
+        default=S,
+        help="split to evaluate on (default: the data's validation or test split, else a "
+        f"held-out part of the training split; the bundled data has {', '.join(EVAL_SPLITS)}: "
+        "test)",
+    )
+    g.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=S,
+        help="share of the training split held out for evaluation when the data has no "
+        f"evaluation split (seeded) (default {d.eval_fraction})",
+    )
     g.add_argument(
         "--also-eval",
-        choices=EVAL_SPLITS,
         default=S,
         help="evaluate the fine-tuned model on this split too (e.g. validation for a search)",
     )
@@ -142,6 +189,20 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--units-per-group", type=int, default=S, help=f"m (default {d.units_per_group})"
     )
+    g.add_argument(
+        "--max-unit-params",
+        type=unit_budget,
+        default=S,
+        help="unit size budget in parameters: larger units are split (a block into its modules, "
+        "a vocabulary matrix into row shards); auto = the largest block, none = the paper's "
+        f"units (default {d.max_unit_params})",
+    )
+    g.add_argument(
+        "--group-by",
+        choices=GROUP_BY,
+        default=S,
+        help=f"count: m units per group; size: as many groups, balanced (default {d.group_by})",
+    )
     g.add_argument("--order", choices=ORDERS, default=S, help=f"(default {d.order})")
     g.add_argument(
         "--offload",
@@ -150,6 +211,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"inactive optimizer state (default {d.offload})",
     )
     g.add_argument("--precision", choices=PRECISIONS, default=S, help=f"(default {d.precision})")
+    g.add_argument(
+        "--shard-state",
+        action="store_true",
+        default=S,
+        help="under torchrun / accelerate launch: each rank keeps only its share of the groups' "
+        "paged optimizer state (fp32 only)",
+    )
     g = parser.add_argument_group("output")
     g.add_argument("--output-dir", default=S, help="default runs/<model>-<task>-<method>")
     g.add_argument("--save-steps", type=int, default=S, help="also checkpoint every N steps")
@@ -172,13 +240,59 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         default=S,
         help="skip the evaluation before training",
     )
-    parser.add_argument("--config", default=S, help="YAML or JSON file with any of the keys above")
+    parser.add_argument(
+        "--config",
+        default=S,
+        help="YAML or JSON file with any of the options (flags given here win over it)",
+    )
 
 
-def _int_or_none(value: str) -> int | None:
-    if value.lower() in ("all", "none"):
-        return None
-    return int(value)
+def _add_transformers_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every ``transformers.TrainingArguments`` field hiftune has no option of its own for.
+
+    The options are ``HfArgumentParser``'s (``--name`` and ``--name-with-dashes``, booleans as
+    ``--flag`` / ``--flag false`` / ``--no-flag``), copied with no default so that only what is
+    typed reaches the configuration. hiftune's own options win: a field it has under the same
+    name (``--seed``) is not added twice, and one it has under another name (``--lr``) is also
+    reachable as ``--learning-rate`` (giving both with different values is an error).
+    """
+    from transformers import HfArgumentParser, TrainingArguments
+
+    own = config_keys()
+    g = parser.add_argument_group(
+        "transformers TrainingArguments",
+        "any other TrainingArguments option, passed to the Trainer (hiftune's defaults: log every "
+        "step, report_to none, eval_strategy no, its own progress bar); those hiftune sets itself "
+        f"are refused: {', '.join(CONTROLLED)}",
+    )
+    # (transformers types its argument as a NewType over Any, which no class matches)
+    hf = HfArgumentParser(TrainingArguments, add_help=False)  # type: ignore[arg-type]
+    # argparse keeps no public list of a parser's actions; ``_actions`` is what its own
+    # ``parents=`` mechanism copies.
+    for action in hf._actions:
+        if action.dest in own or isinstance(action, argparse._HelpAction):
+            continue
+        kwargs: dict[str, Any] = {
+            "dest": action.dest,
+            "default": argparse.SUPPRESS,
+            "help": _first_sentence(action.help),
+        }
+        if isinstance(action, argparse._StoreFalseAction):
+            kwargs["action"] = "store_false"
+        else:
+            kwargs.update(
+                nargs=action.nargs, const=action.const, type=action.type, choices=action.choices
+            )
+            if action.metavar is not None:
+                kwargs["metavar"] = action.metavar
+        with contextlib.suppress(argparse.ArgumentError):  # an option string hiftune has
+            g.add_argument(*action.option_strings, **kwargs)
+
+
+def _first_sentence(text: str | None) -> str:
+    """The first sentence of a help text, safe for argparse's %-formatting."""
+    first = (text or "").strip().split(". ")[0].rstrip(".")
+    return first.replace("%", "%%")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainRecipeConfig:
@@ -187,8 +301,13 @@ def config_from_args(args: argparse.Namespace) -> TrainRecipeConfig:
     Raises:
         UserError: For an unreadable config file or checkpoint, an unknown key or a bad value.
     """
-    keys = config_keys()
-    return build_config({k: v for k, v in vars(args).items() if k in keys})
+    # Everything the parser holds but the top level's own: explicitly typed values only.
+    values = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "verbose") and v is not argparse.SUPPRESS
+    }
+    return build_config(values)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,14 +322,18 @@ def run(args: argparse.Namespace) -> int:
     from ..recipes.train import Recipe
 
     with _stop_signals_abort():
-        result = Recipe(cfg, verbose=bool(getattr(args, "verbose", False))).run()
+        result = Recipe(
+            cfg, verbose=bool(getattr(args, "verbose", False)), on_plan=_print_plan
+        ).run()
     if result.report is None:
-        print(
-            f"interrupted at step {result.steps}; checkpoint saved to {result.checkpoint}\n"
-            f"resume with: hiftune train --resume {result.checkpoint}"
-        )
+        if result.main_process:  # under torchrun, one process speaks for the run
+            print(
+                f"interrupted at step {result.steps}; checkpoint saved to {result.checkpoint}\n"
+                f"resume with: hiftune train --resume {result.checkpoint}"
+            )
         return 128 + result.signum if result.signum else INTERRUPTED
-    _print_summary(result.report)
+    if result.main_process:
+        _print_summary(result.report)
     return 0
 
 
@@ -236,6 +359,11 @@ def _stop_signals_abort() -> Iterator[None]:
             signal.signal(s, handler)
 
 
+def _print_plan(plan: Any) -> None:
+    # Flushed: the progress bar that follows writes to stderr.
+    print(plan.format(), flush=True)
+
+
 def _print_summary(report: Mapping[str, Any]) -> None:
     print(f"zero-shot:  {format_metrics(report.get('zero_shot') or {})}")
     print(f"fine-tuned: {format_metrics(report['final'])}")
@@ -246,3 +374,14 @@ def _print_summary(report: Mapping[str, Any]) -> None:
         f"{report['peak_memory_mib']:.0f} MiB; model and report in {report['output_dir']} "
         "(report.md, report.json, loss.png, memory.png)"
     )
+    for i, sample in enumerate(report.get("samples") or [], start=1):
+        print(f"held-out prompt {i}: {_one_line(sample.get('prompt'))}")
+        print(f"  base:       {_one_line(sample.get('base'))}")
+        print(f"  fine-tuned: {_one_line(sample.get('fine_tuned'))}")
+
+
+def _one_line(text: Any, limit: int = 100) -> str:
+    if text is None:
+        return "(not available)"
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -13,6 +13,10 @@ finds that out by running the model once on a tiny dummy input:
 * if that fails too (an input the model does not take), :func:`trace_forward` returns ``None``
   and the caller falls back to registration order.
 
+A model already sharded with FSDP2 (``DTensor`` parameters) can take neither path: it cannot be
+deep-copied, and a pass outside its training loop leaves FSDP2's state broken (the first training
+step then crashes). It is refused: split it before sharding (:func:`hiftune.engine.fsdp.pin_units`).
+
 A parameter counts as *used* when it is an argument of a torch operation (a
 :class:`~torch.overrides.TorchFunctionMode` sees every one); reading its shape, dtype or device
 does not count. Nothing here imports ``transformers``: Hugging Face models are recognised by duck
@@ -95,7 +99,17 @@ def trace_forward(model: nn.Module, block_paths: Sequence[str]) -> Trace | None:
     Returns:
         The :class:`Trace`, or ``None`` if neither a ``meta`` copy nor the model itself could run
         on a dummy input, or if some block was never called.
+
+    Raises:
+        ValueError: If the model's parameters are ``DTensor`` shards (FSDP2's ``fully_shard``).
     """
+    if _holds_dtensors(model):
+        raise ValueError(
+            f"{type(model).__name__} is sharded already (DTensor parameters, e.g. FSDP2's "
+            "fully_shard), so HiFT cannot trace it to split it into units: split it before "
+            "sharding with hiftune.engine.fsdp.pin_units (or shard it with shard_by_units) and "
+            "build the optimizer with the config it returns"
+        )
     errors = []
     for runner in (_run_on_meta_copy, _run_in_place):
         try:
@@ -112,6 +126,15 @@ def trace_forward(model: nn.Module, block_paths: Sequence[str]) -> Trace | None:
         "; ".join(e.splitlines()[0][:200] for e in errors),
     )
     return None
+
+
+def _holds_dtensors(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a ``DTensor`` (FSDP2 and tensor parallelism)."""
+    if not torch.distributed.is_available():  # a torch build without distributed: none can be
+        return False
+    from torch.distributed.tensor import DTensor  # imported only when it exists
+
+    return any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for p in model.parameters())
 
 
 def _run_on_meta_copy(model: nn.Module, block_paths: Sequence[str]) -> Trace | None:

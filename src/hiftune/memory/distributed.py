@@ -208,11 +208,11 @@ def _groups(
 ) -> tuple[list[_Group], int]:
     try:  # the engine reports a bad m or a model it cannot split as ValueError
         if mode == "fsdp2":  # the split FSDP2 training uses: no row shards, fp32 only
-            units = fsdp_units(model, dataclasses.replace(config, precision=precision))
+            units = fsdp_units(model, dataclasses.replace(config, precision=precision))  # type: ignore[arg-type]
         else:
             units = split_units(model, config)
-        shapes = {n: p.shape for n, p in model.named_parameters()}
-        sizes = [unit_numel(u, shapes) for u in units]
+        param_shapes = {n: p.shape for n, p in model.named_parameters()}
+        sizes = [unit_numel(u, param_shapes) for u in units]
         grouped = group_units(units, config.units_per_group, config.group_by, sizes)
     except ValueError as e:
         raise UserError(first_line(e)) from None

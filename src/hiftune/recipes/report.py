@@ -1,8 +1,10 @@
 """What a finished training run leaves behind: ``report.json``, ``report.md`` and two plots.
 
 ``report.json`` holds the metrics before and after training, the run's size and time, its peak
-memory, the full configuration and one record per optimizer step; ``report.md`` summarises it
-with a table; ``loss.png`` and ``memory.png`` plot the per-step loss and peak memory.
+memory, the plan stated before training (units, groups, estimated memory), for generation tasks
+a few held-out prompts with the base and the fine-tuned model's answers, the full configuration
+and one record per optimizer step; ``report.md`` summarises it with tables; ``loss.png`` and
+``memory.png`` plot the per-step loss and peak memory.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def write_report(
     memory_kind: str,
     n_train: int,
     n_eval: int,
+    plan: Mapping[str, Any] | None = None,
+    samples: Sequence[Mapping[str, Any]] | None = None,
+    write: bool = True,
 ) -> dict[str, Any]:
     """Writes the report files of a finished run into ``out_dir``; returns ``report.json``'s data.
 
@@ -64,6 +69,11 @@ def write_report(
         memory_kind: What was measured (``"CUDA allocated"`` or ``"resident set"``).
         n_train: Training examples.
         n_eval: Evaluation examples.
+        plan: The plan stated before training (:meth:`hiftune.recipes.plan.Plan.to_dict`).
+        samples: Held-out prompts with ``reference``, ``base`` and ``fine_tuned`` answers
+            (generation tasks only).
+        write: ``False`` returns the data without writing anything (the processes of a run
+            under ``torchrun`` other than the main one, which writes the report).
 
     Raises:
         WriteError: If a report file cannot be written (the files written so far are removed).
@@ -75,8 +85,9 @@ def write_report(
         "optimizer": cfg.optimizer,
         "lr": cfg.lr,
         "data": cfg.data or "bundled movie-review sentiment",
+        "data_splits": meta.get("data_splits"),
         "train_examples": n_train,
-        "eval_split": cfg.eval_split,
+        "eval_split": meta.get("eval_split", cfg.eval_split),
         "eval_examples": n_eval,
         "epochs": round(float(epochs or 0), 3),
         "steps": int(global_step),
@@ -90,9 +101,13 @@ def write_report(
         "total_seconds": round(total_seconds, 1),
         "peak_memory_mib": round(peak_memory_mib, 1),
         "output_dir": str(out_dir),
+        "plan": dict(plan) if plan is not None else None,
+        "samples": [dict(s) for s in samples] if samples else None,
         "config": cfg.to_dict(),
         "per_step": [dict(s) for s in steps],
     }
+    if not write:
+        return report
     try:
         write_json(out_dir / "report.json", report)
         if steps:
@@ -142,15 +157,63 @@ def _summary(cfg: TrainRecipeConfig, report: Mapping[str, Any], hift: bool) -> s
         f"# hiftune train: {cfg.model}, {cfg.task}, {cfg.method}",
         "",
         markdown_table(rows),
-        f"- evaluated on {report['eval_examples']} examples of the {cfg.eval_split} split; "
+        f"- evaluated on {report['eval_examples']} examples of the {report['eval_split']} split; "
         f"trained on {report['train_examples']} examples for {report['epochs']} epochs = "
         f"{report['steps']} steps{cycles}",
         f"- optimizer {cfg.optimizer}, lr {cfg.lr}, batch {cfg.batch_size} x {cfg.grad_accum}, "
         f"seed {cfg.seed}",
         f"- training time {report['train_seconds']:.0f} s, total {report['total_seconds']:.0f} s, "
         f"peak memory {report['peak_memory_mib']:.0f} MiB",
-        "",
-        "![loss](loss.png) ![memory](memory.png)",
-        "",
     ]
+    if report.get("data_splits"):
+        lines.append(f"- data: {report['data_splits']}")
+    lines += _plan_lines(report.get("plan"))
+    lines += ["", "![loss](loss.png) ![memory](memory.png)", ""]
+    lines += _sample_lines(report.get("samples"))
     return "\n".join(lines)
+
+
+def _plan_lines(plan: Mapping[str, Any] | None) -> list[str]:
+    """The plan's units, groups and estimated memory, as list items."""
+    if not plan:
+        return []
+    out = []
+    if plan.get("units"):
+        out.append(
+            f"- {len(plan['units'])} units in {len(plan['groups'])} groups of "
+            f"m={plan['units_per_group']}; largest group {plan['peak_group']} "
+            f"({plan['peak_group_params'] / 1e6:.1f}M parameters)"
+        )
+    hift, fpft = plan.get("hift"), plan.get("fpft")
+    if hift and fpft:
+        out.append(
+            f"- estimated peak memory (batch {plan['batch_size']} x {plan['seq_len']} tokens, "
+            f"{plan['optimizer']}, {plan['precision']}): HiFT {hift['total'] / 1024:.2f} GiB, "
+            f"FPFT {fpft['total'] / 1024:.2f} GiB"
+        )
+    return out
+
+
+def _sample_lines(samples: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """Held-out prompts with the reference and both models' answers, as a Markdown section."""
+    if not samples:
+        return []
+    out = ["## Held-out prompts (greedy answers)", ""]
+    for i, s in enumerate(samples, start=1):
+        out += [f"**{i}.** prompt: {_quote(s.get('prompt'))}", ""]
+        for label, key in (
+            ("reference", "reference"),
+            ("base", "base"),
+            ("fine-tuned", "fine_tuned"),
+        ):
+            out.append(f"- {label}: {_quote(s.get(key))}")
+        out.append("")
+    return out
+
+
+def _quote(text: Any) -> str:
+    """``text`` as inline code on one line (answers may hold Markdown or newlines)."""
+    if text is None:
+        return "(not available)"
+    one_line = " ".join(str(text).split()) or "(empty)"
+    return f"`{one_line.replace('`', chr(39))}`"

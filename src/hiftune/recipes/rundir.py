@@ -6,6 +6,10 @@ exclusive ``fcntl.flock`` on a lock file in the directory (released by the kerne
 ends, however it ends, so a crashed run never leaves a stale lock) and refuses a directory that
 holds another run, unless the run resumes a checkpoint of that directory or was asked to
 overwrite it.
+
+Under ``torchrun`` or ``accelerate launch`` one run is several processes: only the main one holds
+and writes the directory (:func:`is_main_process`), and :func:`on_main` shares the outcome of its
+checks, so that a refused directory stops every process with the same one-line error.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import fcntl
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, TypeVar
 
 from ..errors import UserError
 from .config import RUN_CONFIG
@@ -27,6 +32,62 @@ LOCK = ".hiftune.lock"
 #: What a finished or interrupted run leaves, besides the model: removed by ``overwrite`` (the
 #: model files are replaced by the new run's own).
 RUN_FILES = (RUN_CONFIG, "report.json", "report.md", "loss.png", "memory.png")
+
+T = TypeVar("T")
+
+
+def launched_processes() -> int:
+    """How many processes a launcher (``torchrun``, ``accelerate launch``) started: 1 without."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _process_group() -> bool:
+    """Whether ``torch.distributed`` has a process group of several processes."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files.
+
+    Rank 0 of ``torch.distributed`` once its process group exists, else the launcher's ``RANK``
+    0; a process started on its own is the main one.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def on_main(action: Callable[[], T]) -> T | None:
+    """Runs ``action`` on the main process only; a :class:`UserError` it raises stops them all.
+
+    With a process group of several processes this is a collective (every process must call
+    it): the main process broadcasts whether ``action`` failed, and the others raise the same
+    one-line error instead of waiting for a process that has stopped. They return ``None``.
+
+    Raises:
+        UserError: What ``action`` raised on the main process, on every process.
+    """
+    result: T | None = None
+    error: UserError | None = None
+    if is_main_process():
+        try:
+            result = action()
+        except UserError as e:
+            error = e
+    if _process_group():
+        import torch.distributed as dist
+
+        message = [str(error) if error is not None else None]
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            error = UserError(message[0])
+    if error is not None:
+        raise error
+    return result
 
 
 class OutputDir:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import chat
 from . import data as D
 from .config import TrainRecipeConfig
 
@@ -121,10 +122,15 @@ class SeqClsTask(Task):
 
 
 class SftTask(Task):
-    """Prompt/response pairs in the chat template; the loss is on the response tokens only."""
+    """Supervised fine-tuning on chat messages, prompt/completion pairs or plain text.
+
+    The records are rows of :func:`hiftune.recipes.chat.normalize_rows`; the loss is the model's
+    own next-token loss over the tokens :func:`hiftune.recipes.chat.encode_sft` labels (the
+    assistant turns, the completion, or all of a text).
+    """
 
     def encode(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return D.encode_sft(records, self.tokenizer, self.max_length)
+        return chat.encode_sft(records, self.tokenizer, self.max_length)
 
     compute_metrics = None  # type: ignore[assignment]  # eval loss only
 

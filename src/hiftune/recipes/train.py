@@ -5,8 +5,10 @@ without the command line. It is a thin layer over ``transformers.Trainer``: ``me
 :class:`hiftune.integrations.transformers.HiFTTrainer`, ``method="fpft"`` the plain ``Trainer``
 with the very same arguments, so both run the same loop. The recipe adds only what it needs
 around it: data and model loading (:mod:`.data`, :mod:`.models`), the task's encoding, loss and
-metrics (:mod:`.tasks`), a progress bar, per-step log and resumable interrupts (:mod:`.callbacks`)
-and the report (:mod:`.report`). Bad input raises :class:`~hiftune.errors.UserError`.
+metrics (:mod:`.tasks`), the ``TrainingArguments`` (:mod:`.arguments`), the plan stated before
+training (:mod:`.plan`), a progress bar, per-step log and resumable interrupts (:mod:`.callbacks`),
+held-out answers of generation tasks (:mod:`.samples`) and the report (:mod:`.report`). Bad input
+raises :class:`~hiftune.errors.UserError`.
 
 With the default configuration it fine-tunes SmolLM2-135M-Instruct on the bundled movie-review
 sentiment task as prompt-based classification (``<sentence> It was great`` / ``... terrible``),
@@ -27,33 +29,42 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
-from ..engine.config import HiFTConfig
 from ..engine.optimizers import resolve_optimizer
-from ..errors import UserError, first_line
+from ..errors import UserError
 from ..integrations.transformers import HiFTTrainer, unwrap_hift
-from . import data as D
+from .arguments import RESUMABLE, TRAINING_ARGS, optimizer_kwargs, training_arguments
 from .callbacks import Interrupt, Progress, RunFinished, StopIfFinished
-from .config import RESUMABLE_CHANGES, RUN_CONFIG, TrainRecipeConfig, find_checkpoint, saved_run
+from .config import (
+    RESUMABLE_CHANGES,
+    RUN_CONFIG,
+    TrainRecipeConfig,
+    find_checkpoint,
+    saved_run,
+)
+from .examples import Examples, load_examples
 from .guards import NonFiniteGuard
 from .models import (
     PRESETS,
     ModelError,
+    ModelSource,
     check_model_fits,
     load_model_and_tokenizer,
     resolve_model,
 )
+from .plan import Plan, build_plan
 from .report import format_metrics, write_report
-from .rundir import OutputDir
+from .rundir import OutputDir, is_main_process, launched_processes, on_main
 from .safe_io import check_output_dir, checkpoint_writes, save_final_model
+from .samples import SAMPLES, generate, held_out_prompts, samples_record
+from .sources import data_identity
 from .tasks import ListDataset, Task, build_task
 
 logger = logging.getLogger(__name__)
@@ -71,7 +82,9 @@ class TrainResult:
         report: The content of ``report.json`` (``None`` if the run was interrupted).
         checkpoint: The checkpoint to resume an interrupted run from (``None`` if it finished).
         signum: The signal that interrupted the run (``signal.SIGINT`` for Ctrl-C, ``SIGTERM``,
-            ``SIGHUP``; ``None`` if it finished).
+            ``SIGHUP``; ``None`` if it finished, or if another process of the run received it).
+        main_process: Whether this process wrote the run's files (under ``torchrun`` or
+            ``accelerate launch`` the others trained alongside it and return the same report).
     """
 
     output_dir: Path
@@ -79,6 +92,7 @@ class TrainResult:
     report: dict[str, Any] | None
     checkpoint: Path | None = None
     signum: int | None = None
+    main_process: bool = True
 
     @property
     def interrupted(self) -> bool:
@@ -97,11 +111,19 @@ class Recipe:
         cfg: The validated configuration.
         verbose: Keep ``transformers``' own info logging and progress bars (by default they are
             silenced during the run, which would otherwise bury the recipe's one progress bar).
+        on_plan: Called with the :class:`~hiftune.recipes.plan.Plan` before training (the
+            command line prints it); without it the plan is logged.
     """
 
-    def __init__(self, cfg: TrainRecipeConfig, verbose: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: TrainRecipeConfig,
+        verbose: bool = False,
+        on_plan: Callable[[Plan], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.verbose = verbose
+        self.on_plan = on_plan
 
     def run(self) -> TrainResult:
         """Loads, evaluates zero-shot, trains, evaluates, saves and reports.
@@ -124,19 +146,31 @@ class Recipe:
             cfg.output_dir
             or (checkpoint.parent if checkpoint else Path("runs") / self._default_name())
         )
-        check_output_dir(out_dir)  # a read-only or misnamed directory: before the slow part
-        model_dir, preset = resolve_model(cfg.model)
+        if launched_processes() > 1:
+            # Under torchrun / accelerate launch: the process group first (building the
+            # TrainingArguments starts it), so that the main process's checks reach the others.
+            self._check_launch(training_arguments(cfg, out_dir).world_size)
+        main = is_main_process()  # the process that holds and writes the output directory
+        # A read-only or misnamed directory: before the slow part.
+        on_main(lambda: check_output_dir(out_dir))
+        source = resolve_model(cfg.model, cfg.revision, cfg.trust_remote_code)
+        preset = source.preset
         if preset is not None and cfg.task not in preset.tasks:
             raise ModelError(
                 f"{preset.name} ({preset.description}) cannot do --task {cfg.task}; "
                 f"it does {', '.join(preset.tasks)}"
             )
-        splits, classes = self._load_data()
+        examples = self._load_data()
+        splits, classes = examples.splits, examples.classes
         # Before the slow part: one run per directory, for the whole run.
-        held.enter_context(OutputDir(out_dir, checkpoint, overwrite=cfg.overwrite_output_dir))
+        out = OutputDir(out_dir, checkpoint, overwrite=cfg.overwrite_output_dir)
+        on_main(lambda: held.enter_context(out))
+        # Options TrainingArguments refuses, before the slow part too (only now: building one
+        # resets accelerate's process state, which a run holding this directory may be using).
+        training_arguments(cfg, out_dir)
         transformers.set_seed(cfg.seed)  # seeds a new classification head, too
         model, tokenizer = load_model_and_tokenizer(
-            model_dir, cfg.task, num_labels=len(classes or [0, 1]), name=cfg.model
+            source, cfg.task, num_labels=len(classes or [0, 1]), name=cfg.model, dtype=cfg.dtype
         )
         check_model_fits(
             model,
@@ -144,16 +178,34 @@ class Recipe:
             units_per_group=cfg.units_per_group if cfg.method == "hift" else None,
             name=cfg.model,
         )
-        identity = self._identity(model_dir, classes)
+        identity = self._identity(source, classes)
         saved = self._check_resume(checkpoint, identity) if checkpoint is not None else None
         task = build_task(cfg, model, tokenizer, classes)
         train_ds = task.encode(splits["train"])
         eval_ds = task.encode_eval(splits["eval"])
 
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
         meta: dict[str, Any] = {"config": cfg.to_dict(), "identity": identity}
+        meta["data_splits"] = examples.description  # "train: 900 ('train' split ...); eval: ..."
+        meta["eval_split"] = examples.eval_split  # the split evaluated on (cfg.eval_split: None)
         if saved is not None:
             meta["zero_shot"] = saved.get("zero_shot")
+        # Before the Trainer, which changes the model's config (use_cache).
+        plan = build_plan(
+            model,
+            cfg,
+            name=cfg.model,
+            data=meta.get("data_splits"),
+            train_examples=len(train_ds),
+            eval_examples=len(eval_ds),
+        )
+        meta["plan"] = plan.to_dict()
+        if main and self.on_plan is not None:
+            self.on_plan(plan)
+        elif main:
+            logger.info("%s", plan.format())
+
         interrupt = Interrupt()
         progress = Progress(meta, interrupt)
         trainer = self._build_trainer(model, tokenizer, task, train_ds, eval_ds, out_dir)
@@ -162,10 +214,26 @@ class Recipe:
         trainer.add_callback(guard)
         trainer.add_callback(StopIfFinished())
 
-        if checkpoint is None and cfg.zero_shot:
-            logger.info("zero-shot evaluation on %d %s examples", len(eval_ds), cfg.eval_split)
+        if checkpoint is None and cfg.zero_shot:  # every process: the Trainer shares the data
+            if main:
+                logger.info(
+                    "zero-shot evaluation on %d %s examples", len(eval_ds), examples.eval_split
+                )
             meta["zero_shot"] = self._evaluate(trainer, "zero-shot")
-        (out_dir / RUN_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        # Generation tasks: a few held-out prompts, answered by the base model now (a resumed
+        # run's base answers come with its checkpoint) and by the fine-tuned one at the end.
+        # Only the main process reports them.
+        prompts = held_out_prompts(task.encode(splits["eval"][:SAMPLES])) if main else []
+        if prompts and saved is None:
+            answers = generate(model, tokenizer, prompts)
+            meta["samples"] = samples_record(tokenizer, prompts, answers)
+        elif prompts and saved is not None:  # its base answers, if they answer these prompts
+            fresh = samples_record(tokenizer, prompts, None)
+            base = saved.get("samples") or []
+            same = [b.get("prompt") for b in base] == [f["prompt"] for f in fresh]
+            meta["samples"] = base if same else fresh
+        if main:
+            (out_dir / RUN_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
         t_train = time.perf_counter()
         result: Any = None
@@ -184,15 +252,24 @@ class Recipe:
         if interrupt.requested:
             self._close(trainer)
             last = out_dir / f"checkpoint-{trainer.state.global_step}"
-            logger.info("checkpoint saved to %s", last)
-            return TrainResult(out_dir, trainer.state.global_step, None, last, interrupt.signum)
+            if main:
+                logger.info("checkpoint saved to %s", last)
+            return TrainResult(
+                out_dir, trainer.state.global_step, None, last, interrupt.signum, main
+            )
 
         final = self._evaluate(trainer, "fine-tuned")
         if cfg.also_eval:
             extra = ListDataset(task.encode_eval(splits["also"]))
             meta["also_eval"] = {cfg.also_eval: self._evaluate(trainer, cfg.also_eval, extra)}
-        save_final_model(trainer, out_dir)  # with the tokenizer (the Trainer's processing_class)
+        if main:  # (the Trainer saves on the main process only; every rank has these weights)
+            save_final_model(trainer, out_dir)  # with the tokenizer (its processing_class)
         self._close(trainer)
+        if prompts:
+            for sample, answer in zip(
+                meta["samples"], generate(trainer.model, tokenizer, prompts), strict=True
+            ):
+                sample["fine_tuned"] = answer
         device = trainer.args.device
         report = write_report(
             out_dir,
@@ -210,51 +287,43 @@ class Recipe:
             memory_kind="CUDA allocated" if device.type == "cuda" else "resident set",
             n_train=len(train_ds),
             n_eval=len(eval_ds),
+            plan=plan.to_dict(),
+            samples=meta.get("samples"),
+            write=main,
         )
-        return TrainResult(out_dir, trainer.state.global_step, report)
+        return TrainResult(out_dir, trainer.state.global_step, report, main_process=main)
+
+    @staticmethod
+    def _check_launch(trainer_processes: int) -> None:
+        """Refuses a launch the Trainer does not see (each process would train alone)."""
+        if trainer_processes != launched_processes():
+            # accelerate joins CPU processes only when told to run on the CPU (use_cpu).
+            raise UserError(
+                f"hiftune train was launched on {launched_processes()} processes but the "
+                f"Trainer runs {trainer_processes}; on a machine without CUDA GPUs, add --use-cpu"
+            )
 
     def _default_name(self) -> str:
+        # A preset's name; a directory's or Hub id's last part (Qwen/Qwen2.5-0.5B: Qwen2.5-0.5B).
         model = self.cfg.model if self.cfg.model in PRESETS else Path(self.cfg.model).name
         return f"{model}-{self.cfg.task}-{self.cfg.method}"
 
-    def _load_data(self) -> tuple[dict[str, Records], list[str] | None]:
-        """The training and evaluation examples (and ``also`` for ``also_eval``), and classes."""
-        cfg = self.cfg
-        classes: list[str] | None = None
-        if cfg.data is None:
-            splits = D.sentiment_splits()
-            if cfg.task == "sft":
-                splits = {k: D.as_sft(v) for k, v in splits.items()}
-            else:
-                classes = ["negative", "positive"]
-        else:
-            records = D.read_records(cfg.data)
-            if cfg.task == "sft":
-                fields = {"prompt": cfg.prompt_field, "response": cfg.response_field}
-            else:
-                fields = {"text": cfg.text_field, "label": cfg.label_field}
-            records = D.select_fields(records, fields, cfg.data)
-            if cfg.task != "sft":
-                records, classes = D.encode_labels(records)
-            splits = D.holdout_splits(records)
-        train = D.subsample(splits["train"], cfg.train_samples, cfg.seed)
-        evaluation = splits[cfg.eval_split]
-        if cfg.eval_samples is not None:
-            evaluation = evaluation[: cfg.eval_samples]
-        if not train or not evaluation:
-            raise D.DataError("the data leaves no training or evaluation examples")
-        out = {"train": train, "eval": evaluation}
-        if cfg.also_eval:
-            out["also"] = splits[cfg.also_eval][: cfg.eval_samples]
-        return out, classes
+    def _load_data(self) -> Examples:
+        """The run's examples, classes and splits (see :func:`.examples.load_examples`)."""
+        return load_examples(self.cfg, verbose=self.verbose)
 
-    def _identity(self, model_dir: Path, classes: list[str] | None) -> dict[str, Any]:
+    def _identity(self, source: ModelSource, classes: list[str] | None) -> dict[str, Any]:
         """What a checkpoint must share with this run to be resumed by it."""
         cfg = self.cfg
+        if source.preset is not None or source.hub:
+            model = cfg.model
+        else:
+            model = str(Path(cfg.model).expanduser().resolve())
+        where = source.location + (f"@{source.commit}" if source.commit else "")
         return {
-            "model": cfg.model if cfg.model in PRESETS else str(Path(cfg.model).resolve()),
-            "model_dir": str(model_dir),
-            "data": None if cfg.data is None else str(Path(cfg.data).resolve()),
+            "model": model,
+            "model_dir": where,  # not compared: a moved cache or a new conversion is fine
+            "data": data_identity(cfg.data),
             "classes": classes,
         }
 
@@ -267,11 +336,20 @@ class Recipe:
             **{k: v for k, v in saved.get("identity", {}).items() if k != "model_dir"},
         }
         ours = {**self.cfg.to_dict(), **resolved}
+        their_extra, our_extra = theirs.pop(TRAINING_ARGS, {}), ours.pop(TRAINING_ARGS, {})
         for key, value in theirs.items():
             if key not in RESUMABLE_CHANGES and ours.get(key) != value:
                 raise UserError(
                     f"--resume {checkpoint} is from a different run: it has {key}={value!r}, "
                     f"this run has {key}={ours.get(key)!r}"
+                )
+        # Pass-through TrainingArguments: an option either run left out has its default.
+        for key in sorted((set(their_extra) | set(our_extra)) - RESUMABLE):
+            if their_extra.get(key) != our_extra.get(key):
+                raise UserError(
+                    f"--resume {checkpoint} is from a different run: it has "
+                    f"{key}={their_extra.get(key, 'default')!r}, this run has "
+                    f"{key}={our_extra.get(key, 'default')!r}"
                 )
         return saved
 
@@ -285,10 +363,7 @@ class Recipe:
         out_dir: Path,
     ) -> Trainer:
         cfg = self.cfg
-        try:
-            args = self._training_arguments(out_dir)
-        except ValueError as e:  # e.g. a precision this machine does not support
-            raise UserError(f"invalid training arguments: {first_line(e)}") from e
+        args = training_arguments(cfg, out_dir, loss_only=task.compute_metrics is None)
         common: dict[str, Any] = dict(
             model=model,
             args=args,
@@ -299,65 +374,23 @@ class Recipe:
             compute_loss_func=task.compute_loss,
             preprocess_logits_for_metrics=task.preprocess_logits,
             # The one optimizer registry: HiFT wraps the very class FPFT uses.
-            optimizer_cls_and_kwargs=resolve_optimizer(cfg.optimizer, lr=cfg.lr),
+            optimizer_cls_and_kwargs=resolve_optimizer(cfg.optimizer, **optimizer_kwargs(cfg)),
             processing_class=tokenizer,
         )
         trainer: Trainer
         if cfg.method == "hift":
-            hift = HiFTConfig(
-                units_per_group=cfg.units_per_group,
-                order=cfg.order,  # type: ignore[arg-type]
-                seed=cfg.seed,
-                offload=cfg.offload,  # type: ignore[arg-type]
-                precision=cfg.precision,  # type: ignore[arg-type]
-            )
-            trainer = HiFTTrainer(hift_config=hift, **common)
+            trainer = HiFTTrainer(hift_config=cfg.hift_config(), **common)
         else:
             trainer = Trainer(**common)
         # The recipe's progress bar replaces the Trainer's printed logs.
         trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
         return trainer
 
-    def _training_arguments(self, out_dir: Path) -> TrainingArguments:
-        cfg = self.cfg
-        # FPFT's bf16 is the Trainer's autocast; HiFT's mixed precision lives in its optimizer.
-        autocast_bf16 = cfg.method == "fpft" and cfg.precision == "bf16"
-        return TrainingArguments(
-            output_dir=str(out_dir),
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.eval_batch_size,
-            gradient_accumulation_steps=cfg.grad_accum,
-            learning_rate=cfg.lr,
-            num_train_epochs=cfg.epochs,
-            max_steps=cfg.max_steps or -1,
-            lr_scheduler_type=cfg.scheduler,
-            warmup_steps=cfg.warmup_ratio,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            logging_steps=1,
-            logging_nan_inf_filter=False,  # a nan loss is logged (and stops the run) as nan
-            save_strategy="steps" if cfg.save_steps else "no",
-            save_steps=cfg.save_steps or 500,
-            eval_strategy="no",
-            report_to="none",
-            disable_tqdm=True,  # our own bar shows loss, group and memory
-            seed=cfg.seed,
-            data_seed=cfg.seed,
-            remove_unused_columns=False,  # the collator already builds exactly the model inputs
-            dataloader_num_workers=0,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            bf16=autocast_bf16,
-            # bf16 autocast without CUDA: the Trainer must be told that it runs on the CPU.
-            use_cpu=autocast_bf16 and not torch.cuda.is_available(),
-            label_names=["labels"],
-            # sft has no metric beyond the loss: keep no [batch, length, vocab] logits around.
-            prediction_loss_only=cfg.task == "sft",
-        )
-
     def _evaluate(self, trainer: Trainer, what: str, dataset: Any = None) -> dict[str, float]:
         metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="eval")
         out = {k.removeprefix("eval_"): v for k, v in metrics.items()}
-        logger.info("%s: %s", what, format_metrics(out))
+        if trainer.is_world_process_zero():  # the same metrics on every process
+            logger.info("%s: %s", what, format_metrics(out))
         return out
 
     def _close(self, trainer: Trainer) -> None:

@@ -1,0 +1,304 @@
+"""What a run is about to do, stated before training: units, groups, memory, data.
+
+:func:`build_plan` describes the loaded model's HiFT split (the same
+:func:`~hiftune.memory.inspect.inspect_split` that ``hiftune inspect`` shows) and the memory
+:func:`~hiftune.memory.estimate.estimate` predicts for HiFT and for full fine-tuning with this
+run's optimizer, precision, batch size and sequence length. The recipe logs it (or hands it to
+the caller's ``on_plan``, which the command line prints) and keeps it in ``report.json``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import first_line
+from ..memory.estimate import EstimateRow, estimate
+from ..memory.inspect import inspect_split
+
+#: Groups listed by name in :meth:`Plan.format`; longer lists show their ends.
+SHOWN_GROUPS = 6
+
+_NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<n>\d+)$")
+
+
+@dataclass(frozen=True)
+class MemoryFigure:
+    """Predicted memory of one method at its peak (MiB), from the estimator.
+
+    Attributes:
+        weights: Weights (and fp32 masters) on the device.
+        grads: Gradients.
+        states: Optimizer state.
+        activations: Saved activations for the batch and sequence length (an estimate).
+        peak_group: The group that sets the peak (``"all"`` for full fine-tuning).
+    """
+
+    weights: float
+    grads: float
+    states: float
+    activations: float | None
+    peak_group: str
+
+    @property
+    def total(self) -> float:
+        """Everything above, MiB."""
+        return self.weights + self.grads + self.states + (self.activations or 0.0)
+
+    @classmethod
+    def of(cls, row: EstimateRow) -> MemoryFigure:
+        """The figure of one estimator row."""
+        return cls(
+            row.weights_mib, row.grads_mib, row.states_mib, row.activations_mib_estimate, row.group
+        )
+
+
+@dataclass
+class Plan:
+    """The run, as it is about to train; ``to_dict()`` goes into ``report.json``.
+
+    Attributes:
+        model: The model's name.
+        method: ``hift`` or ``fpft``.
+        params: Parameters of the model (a tied tensor once).
+        units: Unit names, bottom-up.
+        groups: Group names in training order.
+        units_per_group: m.
+        order: The group order.
+        peak_group: The largest group (by parameters) and its size.
+        peak_group_params: Its parameters.
+        optimizer: The optimizer's name.
+        precision: The precision.
+        batch_size: Examples per device and micro-batch.
+        seq_len: Tokens per example at most (the estimate's sequence length).
+        hift: HiFT's predicted peak memory (``None`` if the estimator cannot build the model).
+        fpft: Full fine-tuning's.
+        data: How the data was split (from the data loader), if it said.
+        train_examples: Training examples.
+        eval_examples: Evaluation examples.
+        notes: What could not be worked out, and why.
+    """
+
+    model: str
+    method: str
+    params: int
+    units: list[str]
+    groups: list[str]
+    units_per_group: int
+    order: str
+    peak_group: str
+    peak_group_params: int
+    optimizer: str
+    precision: str
+    batch_size: int
+    seq_len: int
+    hift: MemoryFigure | None = None
+    fpft: MemoryFigure | None = None
+    data: str | None = None
+    train_examples: int | None = None
+    eval_examples: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (memory figures in MiB, with their totals)."""
+        out = asdict(self)
+        for method in ("hift", "fpft"):
+            figure = getattr(self, method)
+            if figure is not None:
+                out[method]["total"] = figure.total
+        return out
+
+    def format(self) -> str:
+        """The plan as a few readable lines."""
+        what = "HiFT" if self.method == "hift" else "full fine-tuning (FPFT)"
+        lines = [f"plan: {what} of {self.model} ({_count(self.params)} parameters)"]
+        if self.units:
+            lines.append(f"  units: {len(self.units)} ({compress_names(self.units)})")
+            shown = [compress_names([g]) for g in self.groups]
+            if len(shown) > SHOWN_GROUPS:
+                shown = [*shown[: SHOWN_GROUPS - 2], "...", *shown[-2:]]
+            trained = "one per step" if self.method == "hift" else "HiFT's, not used by FPFT"
+            lines.append(
+                f"  groups: {len(self.groups)} of m={self.units_per_group} units, {self.order}, "
+                f"{trained}: {', '.join(shown)}"
+            )
+            lines.append(
+                f"  largest group: {compress_names([self.peak_group])} "
+                f"({_count(self.peak_group_params)} parameters)"
+            )
+        if self.hift is not None and self.fpft is not None:
+            # The memory peak may be another group than the largest one: a row shard's step
+            # also holds its weight's full-size gradient (docs/units.md).
+            lines.append(
+                f"  memory estimate ({self.optimizer}, {self.precision}, batch {self.batch_size} "
+                f"x {self.seq_len} tokens): HiFT {_gib(self.hift)} at group "
+                f"{compress_names([self.hift.peak_group])} vs FPFT {_gib(self.fpft)} "
+                f"({self.fpft.total / max(self.hift.total, 1e-9):.1f}x)"
+            )
+        if self.data:
+            lines.append(f"  data: {self.data}")
+        elif self.train_examples is not None:
+            lines.append(
+                f"  examples: {self.train_examples} for training, {self.eval_examples} for "
+                "evaluation"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def build_plan(
+    model: nn.Module,
+    cfg: Any,
+    *,
+    name: str,
+    data: str | None = None,
+    train_examples: int | None = None,
+    eval_examples: int | None = None,
+) -> Plan:
+    """Describes the run of ``cfg`` on the loaded ``model``.
+
+    Never raises for what it cannot work out (a model the estimator cannot rebuild from its
+    config, say): that part is left out and named in :attr:`Plan.notes`.
+
+    Args:
+        model: The loaded model (not changed).
+        cfg: The run's :class:`~hiftune.recipes.config.TrainRecipeConfig`.
+        name: The model's name.
+        data: How the data was split, to state it.
+        train_examples: Training examples.
+        eval_examples: Evaluation examples.
+    """
+    head = "seq-cls" if cfg.task == "seq-cls" else "causal-lm"
+    plan = Plan(
+        model=name,
+        method=cfg.method,
+        params=sum(p.numel() for p in model.parameters()),
+        units=[],
+        groups=[],
+        units_per_group=cfg.units_per_group,
+        order=cfg.order,
+        peak_group="",
+        peak_group_params=0,
+        optimizer=cfg.optimizer,
+        precision=cfg.precision,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.max_length,
+        data=data,
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+    )
+    try:
+        split = inspect_split(
+            model,
+            units_per_group=cfg.units_per_group,
+            order=cfg.order,
+            seed=cfg.seed,
+            precision=cfg.precision,
+            config=cfg.hift_config(),
+            check_gradients=False,
+        )
+    except Exception as e:  # informative only: a run must not stop over its plan
+        plan.notes.append(f"no unit split: {first_line(e)}")
+    else:
+        plan.units = [u.name for u in split.units]
+        plan.groups = [g.name for g in split.groups]
+        plan.peak_group = split.peak_group
+        plan.peak_group_params = max(g.params for g in split.groups)
+    try:
+        rows = estimate(
+            model.config,  # rebuilt on the meta device: nothing of the loaded model is touched
+            units_per_group=cfg.units_per_group,
+            config=cfg.hift_config(),
+            optimizers=[cfg.optimizer],
+            precisions=[cfg.precision],
+            task=head,
+            num_labels=getattr(model.config, "num_labels", 2),
+            batch_size=cfg.batch_size,
+            seq_len=cfg.max_length,
+        )
+    except Exception as e:  # e.g. a custom architecture that cannot be built from its config
+        plan.notes.append(f"no memory estimate: {first_line(e)}")
+    else:
+        by_method = {r.method: r for r in rows}
+        plan.hift = MemoryFigure.of(by_method["hift"])
+        plan.fpft = MemoryFigure.of(by_method["fpft"])
+    return plan
+
+
+def compress_names(names: Sequence[str]) -> str:
+    """Runs of numbered or sliced names in one line: ``embed[0:49152] in 8 slices, layers.0-29, head``.
+
+    Consecutive ``layers.3``, ``layers.4``, ... become ``layers.3-4``; adjoining row slices of one
+    tensor (``embed[0:6144]``, ``embed[6144:12288]``) become ``embed[0:12288] in 2 slices``; a group
+    name ``layers.3..layers.6`` is the run ``layers.3-6``. Other names stay as they are.
+    """
+    spans: list[_Span | str] = []
+    for raw in names:
+        span = _span(raw)
+        last = spans[-1] if spans else None
+        if span is not None and isinstance(last, _Span) and last.continues_with(span):
+            spans[-1] = last.merged(span)
+        else:
+            spans.append(span if span is not None else raw)
+    return ", ".join(str(s) for s in spans)
+
+
+_SLICED = re.compile(r"^(?P<prefix>.*)\[(?P<lo>\d+):(?P<hi>\d+)\]$")
+
+
+@dataclass(frozen=True)
+class _Span:
+    """``prefix`` + numbers ``lo``..``hi`` (``sliced``: rows ``[lo:hi]`` in ``parts`` slices)."""
+
+    prefix: str
+    lo: int
+    hi: int
+    sliced: bool
+    parts: int | None
+
+    def continues_with(self, other: _Span) -> bool:
+        same = (self.prefix, self.sliced) == (other.prefix, other.sliced)
+        return same and other.lo == (self.hi if self.sliced else self.hi + 1)
+
+    def merged(self, other: _Span) -> _Span:
+        parts = None if self.parts is None or other.parts is None else self.parts + other.parts
+        return _Span(self.prefix, self.lo, other.hi, self.sliced, parts)
+
+    def __str__(self) -> str:
+        if self.sliced:
+            n = f" in {self.parts} slices" if self.parts and self.parts > 1 else ""
+            return f"{self.prefix}[{self.lo}:{self.hi}]{n}"
+        return (
+            f"{self.prefix}{self.lo}" if self.lo == self.hi else f"{self.prefix}{self.lo}-{self.hi}"
+        )
+
+
+def _span(name: str) -> _Span | None:
+    """The span a unit or group name covers, if it is numbered or sliced."""
+    low, sep, high = name.partition("..")
+    if sep:  # a group: its first and last unit
+        a, b = _span(low), _span(high)
+        if a is None or b is None or (a.prefix, a.sliced) != (b.prefix, b.sliced):
+            return None
+        return _Span(a.prefix, a.lo, b.hi, a.sliced, None)
+    if m := _SLICED.match(name):
+        return _Span(m["prefix"], int(m["lo"]), int(m["hi"]), True, 1)
+    if m := _NUMBERED.match(name):
+        return _Span(m["prefix"], int(m["n"]), int(m["n"]), False, 1)
+    return None
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 10**9 else f"{n / 1e6:.1f}M" if n >= 10**6 else f"{n:,}"
+
+
+def _gib(figure: MemoryFigure) -> str:
+    act = "" if figure.activations is None else f", activations {figure.activations / 1024:.2f}"
+    return (
+        f"{figure.total / 1024:.2f} GiB (weights {figure.weights / 1024:.2f}, gradients "
+        f"{figure.grads / 1024:.2f}, optimizer {figure.states / 1024:.2f}{act})"
+    )
