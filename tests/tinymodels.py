@@ -63,6 +63,19 @@ def train_steps(model: nn.Module, opt, batches, sched=None) -> list[float]:
     return losses
 
 
+def word_tokenizer(n_words: int = 61):
+    """A fast word-level tokenizer of ``<pad>``, ``<eos>``, ``<unk>`` and ``w0`` .. ``w{n-1}``."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<eos>", "<unk>", *(f"w{i}" for i in range(n_words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
 def tiny_hf_config(family: str):
     """A 2-3 layer, hidden-16 ``transformers`` config of ``family``."""
     import transformers as T

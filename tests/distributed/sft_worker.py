@@ -13,11 +13,10 @@ import torch
 import transformers as T
 import trl
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from hiftune import HiFTConfig
 from hiftune.integrations.transformers import HiFTSFTTrainer, unwrap_hift
-from tinymodels import tiny_hf_config
+from tinymodels import tiny_hf_config, word_tokenizer
 
 
 def main() -> None:
@@ -26,12 +25,7 @@ def main() -> None:
     opts = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(1)
-    words = ["<pad>", "<eos>", "<unk>", *(f"w{i}" for i in range(61))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = T.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
+    tokenizer = word_tokenizer()
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(tiny_hf_config("llama"))
     texts = [" ".join(f"w{(i * j + i) % 61}" for j in range(6)) for i in range(32)]

@@ -10,7 +10,7 @@ from hiftune.integrations.transformers import (
     scale_gradients,
     unwrap_hift,
 )
-from tinymodels import tiny_hf_config
+from tinymodels import tiny_hf_config, word_tokenizer
 
 
 def _data(n=48):
@@ -112,16 +112,9 @@ def test_optimizer_cls_and_kwargs_is_wrapped(tmp_path):
 
 def test_trl_sft_trainer(tmp_path):
     trl = pytest.importorskip("trl")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from hiftune.integrations.transformers import HiFTSFTTrainer
 
-    words = ["<pad>", "<eos>", "<unk>", *(f"w{i}" for i in range(61))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = T.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
+    tokenizer = word_tokenizer()
     torch.manual_seed(0)
     model = T.AutoModelForCausalLM.from_config(tiny_hf_config("llama"))
     from datasets import Dataset

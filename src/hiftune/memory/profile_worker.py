@@ -389,7 +389,10 @@ class _StateMeter:
     def __init__(
         self, model_params: list[torch.nn.Parameter], keeps_inactive: bool, all_masters: int
     ) -> None:
-        self._model_params = model_params
+        # fp32 masters (mixed precision) are what the optimizer steps that is not the model's own
+        # memory; a row shard is a view of its weight's storage, so it is not a master. Read once:
+        # the meter is built after the optimizer has cast the model, and it runs in timed steps.
+        self._model_storage = {p.untyped_storage().data_ptr() for p in model_params}
         self._keeps_inactive = keeps_inactive
         self._all_master_bytes = all_masters * 4  # fp32 masters of every group
         self._state_of: dict[int, int] = {}  # id(optimizer) -> bytes of its state when last seen
@@ -406,10 +409,7 @@ class _StateMeter:
         state = tensor_bytes(list(optimizer.state.values()))  # non-tensor values count 0
         self._state_of[id(optimizer)] = state
         stepped = [p for g in optimizer.param_groups for p in g["params"]]
-        # fp32 masters (mixed precision) are what the optimizer steps that is not the model's own
-        # memory: a row shard is a view of its weight's storage, so it is not a master.
-        model = {p.untyped_storage().data_ptr() for p in self._model_params}
-        masters = [p for p in stepped if p.untyped_storage().data_ptr() not in model]
+        masters = [p for p in stepped if p.untyped_storage().data_ptr() not in self._model_storage]
         self.step_grad_bytes = tensor_bytes([p.grad for p in masters])
         if self._keeps_inactive:
             self.step_state_bytes = sum(self._state_of.values())
