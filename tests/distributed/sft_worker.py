@@ -57,6 +57,8 @@ def main() -> None:
         "cycle": hift.cycle,
     }
     torch.save(result, Path(opts.out) / f"rank-{os.environ.get('RANK', '0')}.pt")
+    if torch.distributed.is_initialized():  # not at interpreter exit: gloo's threads may abort
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

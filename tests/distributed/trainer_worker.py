@@ -129,6 +129,10 @@ def main() -> None:
     }
     if rank == 0:
         torch.save(weights, out / f"weights-{world}.pt")
+    if torch.distributed.is_initialized():
+        # Left to interpreter exit, gloo's threads can abort the process ("terminate called
+        # without an active exception"), failing a run that did everything right.
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
