@@ -56,6 +56,14 @@ SUITES: dict[str, dict] = {
         "grid": ["3e-5", "1e-4", "3e-4"],
         "fpft_from": "smollm2",
     },
+    "smollm2-units-m5": {
+        # As "smollm2-units" with 5 units per group: the 39 units in 8 groups, as many as the
+        # paper's split had, so each group is updated as often; FPFT runs read from "smollm2".
+        "args": ["--model", "smollm2-135m", "--task", "prompt-cls", "--train-samples", "1000"],
+        "hift": ["--units-per-group", "5", "--max-unit-params", "auto"],
+        "grid": ["3e-5", "1e-4", "3e-4"],
+        "fpft_from": "smollm2",
+    },
     "smollm2-m8": {
         # As "smollm2" with 8 units per group (4 groups); FPFT runs read from "smollm2".
         "args": ["--model", "smollm2-135m", "--task", "prompt-cls", "--train-samples", "1000"],

@@ -106,7 +106,8 @@ def render() -> None:
     lines = [BEGIN, "", "### Predicted (hiftune estimate, mixed^Hi bf16 AdamW, m = 1)", ""]
     lines += [
         "The peak group is the one whose gradients, optimizer state and fp32 masters take the "
-        "most memory (for a row shard, with its weight's full-size gradient); `largest block` is "
+        "most memory (a row shard whose weight backward cannot restrict to its rows also "
+        "counts the weight's full-size gradient); `largest block` is "
         "the largest transformer block of the paper's split (`hiftune inspect`).",
         "",
     ]

@@ -58,6 +58,7 @@ def main() -> None:
     }
     torch.save(result, Path(opts.out) / f"rank-{os.environ.get('RANK', '0')}.pt")
     if torch.distributed.is_initialized():  # not at interpreter exit: gloo's threads may abort
+        torch.distributed.barrier()  # a rank that leaves first must not tear down the group
         torch.distributed.destroy_process_group()
 
 

@@ -132,6 +132,7 @@ def main() -> None:
     if torch.distributed.is_initialized():
         # Left to interpreter exit, gloo's threads can abort the process ("terminate called
         # without an active exception"), failing a run that did everything right.
+        torch.distributed.barrier()  # rank 0 may still be saving: leave together
         torch.distributed.destroy_process_group()
 
 

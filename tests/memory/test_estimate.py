@@ -101,17 +101,37 @@ def test_tied_embeddings_are_counted_once(preset, params, embed_group):
     assert hift.trainable_params == embed_group
 
 
-def test_the_default_split_shards_the_vocabulary_and_counts_its_full_gradient():
-    # SmolLM2-135M: a block is 576*576*2 (q, o) + 576*192*2 (k, v) + 3*576*1536 (MLP) + 2*576
-    # = 3,540,096 parameters; the tied embedding (49152 x 576) becomes 8 shards of 6144 rows.
+#: SmolLM2-135M: a block is 576*576*2 (q, o) + 576*192*2 (k, v) + 3*576*1536 (MLP) + 2*576
+#: parameters; the tied embedding (49152 x 576) becomes 8 shards of 6144 rows, just smaller.
+SMOL_BLOCK, SMOL_SHARD, SMOL_EMBEDDING = 3_540_096, 6144 * 576, 49152 * 576
+
+
+def test_the_default_split_shards_the_vocabulary_below_a_block():
+    # The shards get row gradients (plain embedding and tied linear head), so no group holds a
+    # full-size gradient and the largest group is a block.
     rows = _by_key(estimate("smollm2-135m", optimizers=["adamw"], precisions=["bf16"]))
     hift = rows[("hift", "adamw", "mixed^Hi")]
-    shard, embedding = 6144 * 576, 49152 * 576
-    assert hift.group == "embed[0:6144]" and hift.trainable_params == shard <= 3_540_096
+    assert hift.group == "layers.0" and hift.trainable_params == SMOL_BLOCK
+    assert hift.grads_mib == pytest.approx(SMOL_BLOCK * 4 / 2**20)
+    # AdamW: two fp32 moments (and a scalar step per parameter tensor).
+    assert hift.states_mib == pytest.approx(SMOL_BLOCK * 8 / 2**20, rel=1e-5)
+    assert hift.weights_mib == pytest.approx((134_515_008 * 2 + SMOL_BLOCK * 4) / 2**20)
+
+
+def test_a_shard_without_row_gradients_counts_its_weights_full_gradient():
+    # An embedding with max_norm rewrites its weight in the forward pass: left to autograd.
+    model = build_meta_model("smollm2-135m")
+    plain = model.model.embed_tokens
+    with torch.device("meta"):
+        renorm = torch.nn.Embedding(*plain.weight.shape, max_norm=1.0)
+    renorm.weight = plain.weight  # still tied with the LM head
+    model.model.embed_tokens = renorm
+    rows = _by_key(estimate(model, optimizers=["adamw"], precisions=["bf16"]))
+    hift = rows[("hift", "adamw", "mixed^Hi")]
+    assert hift.group == "embed[0:6144]" and hift.trainable_params == SMOL_SHARD
     # fp32 gradients of the rows, plus the bf16 full-size gradient backward makes transiently.
-    assert hift.grads_mib == pytest.approx((shard * 4 + embedding * 2) / 2**20)
-    assert hift.states_mib == pytest.approx(shard * 8 / 2**20)  # AdamW: two fp32 moments
-    assert hift.weights_mib == pytest.approx((134_515_008 * 2 + shard * 4) / 2**20)
+    assert hift.grads_mib == pytest.approx((SMOL_SHARD * 4 + SMOL_EMBEDDING * 2) / 2**20)
+    assert hift.states_mib == pytest.approx(SMOL_SHARD * 8 / 2**20)
 
 
 @pytest.mark.parametrize(("group_by", "peak"), [("count", "embed..layers.1"), ("size", "embed")])

@@ -33,6 +33,7 @@ from .inner import GroupStates, ParamGroupsFn, param_groups
 from .order import group_order
 from .paging import StateStore, make_store
 from .precision import DTYPES, LossScaler
+from .rowgrad import row_gradient_owners
 from .shards import GroupTensors, take_grads
 from .state_dict import STATE_DICT_VERSION, Layout, class_name, validate_state_dict
 from .truncation import BackwardTruncation
@@ -120,7 +121,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         )
         self._group_units: list[tuple[Unit, ...]] = bottom_up
         self._order = group_order(len(bottom_up), self.config.order, self.config.seed)
-        self._tensors = [GroupTensors.build(named, g) for g in bottom_up]
+        owners = row_gradient_owners(model)
+        self._tensors = [GroupTensors.build(named, g, owners) for g in bottom_up]
         self._names = [t.names for t in self._tensors]
         # What each group's optimizer steps in the model's dtype (a row shard for some rows).
         self._params = [t.params for t in self._tensors]
@@ -469,8 +471,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 precision.restore_weights(self._cast, self._trained_masters())
         finally:
             for tensors in self._tensors:
-                for shard in tensors.shards:
-                    shard.release()  # no view of the model's weights outlives the optimizer
+                tensors.release()  # no view of, or forward over, the model outlives the optimizer
             release_claim(self.model, self._claim)
             self._store.close()
 

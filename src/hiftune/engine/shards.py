@@ -10,11 +10,13 @@ weight, so the group's optimizer steps it like any parameter and its in-place up
 weight. The shard is never registered in the model: ``model.state_dict()`` and
 ``save_pretrained`` see the real weight only, and a tied weight stays one tensor.
 
-The cost of a sharded step: autograd computes gradients for whole tensors, so while a shard is
-active its weight has ``requires_grad=True`` and its **full-size gradient exists transiently** in
-the model's dtype, from the backward pass until :func:`take_grads` copies the shard's rows out and
-drops it (before the optimizer step, and before paged-out state comes back unless a prefetch
-brought it earlier). Optimizer state and fp32 masters exist for the shard's rows only.
+The cost of a sharded step: autograd computes gradients for whole tensors. Where the weight is
+used by plain ``nn.Embedding`` / ``nn.Linear`` modules (token embeddings and LM heads, tied or
+not), :mod:`.rowgrad` has those modules compute the gradient of the active rows only. Any other use
+of the weight gives it a **full-size gradient** in the model's dtype, which exists transiently, from
+the backward pass until :func:`take_grads` adds the shard's rows to the shard's gradient and drops
+it (before the optimizer step, and before paged-out state comes back unless a prefetch brought it
+earlier). Optimizer state and fp32 masters exist for the shard's rows only.
 
 While its group is inactive a shard holds no data (an empty tensor of the weight's dtype and
 device): the view is made again by :meth:`RowShard.attach` when the group becomes active, since the
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .rowgrad import RowGradients
 from .units import Unit
 
 
@@ -83,15 +86,20 @@ class RowShard:
 
 
 def take_grads(shards: Sequence[RowShard]) -> None:
-    """Gives each shard its rows of the weight's gradient, then drops the full-size gradients.
+    """Adds each shard's rows of its weight's gradient to the shard's, then drops the full-size
+    gradients.
 
-    The rows are copied, so that the weight's full gradient (as large as the whole weight) is
-    freed before the optimizer step allocates anything. A weight without a gradient leaves its
-    shards without one.
+    A shard's gradient comes from :mod:`.rowgrad` (uses through plain embedding and linear
+    modules), from the weight's full-size gradient (any other use), or both. The rows are copied,
+    so that the weight's full gradient (as large as the whole weight) is freed before the optimizer
+    step allocates anything. A shard that got neither keeps no gradient.
     """
     for s in shards:
         grad = s.weight.grad
-        s.param.grad = None if grad is None else grad[s.start : s.stop].clone()
+        if grad is None:
+            continue
+        rows = grad[s.start : s.stop]
+        s.param.grad = rows.clone() if s.param.grad is None else s.param.grad.add_(rows)
     for s in shards:
         s.weight.grad = None
 
@@ -110,6 +118,8 @@ class GroupTensors:
         labels: Each entry's name, with ``[start:stop]`` for a shard (checkpoint layouts).
         shapes: Each entry's shape (a shard's: its rows).
         rows: Each entry's rows, or ``None`` for a whole parameter.
+        row_gradients: Routes the modules using the sharded weights through :mod:`.rowgrad`
+            while the group is active.
     """
 
     names: list[str] = field(default_factory=list)
@@ -119,10 +129,23 @@ class GroupTensors:
     labels: list[str] = field(default_factory=list)
     shapes: list[list[int]] = field(default_factory=list)
     rows: list[tuple[int, int] | None] = field(default_factory=list)
+    row_gradients: RowGradients | None = None
 
     @classmethod
-    def build(cls, named: Mapping[str, nn.Parameter], units: Iterable[Unit]) -> GroupTensors:
-        """The tensors of the group of ``units`` of a model whose parameters are ``named``."""
+    def build(
+        cls,
+        named: Mapping[str, nn.Parameter],
+        units: Iterable[Unit],
+        owners: dict[int, list[nn.Module]] | None = None,
+    ) -> GroupTensors:
+        """The tensors of the group of ``units`` of a model whose parameters are ``named``.
+
+        Args:
+            named: The model's parameters by name.
+            units: The group's units.
+            owners: :func:`~.rowgrad.row_gradient_owners` of the model; ``None``: every sharded
+                weight gets its full-size gradient.
+        """
         out = cls()
         seen: set[int] = set()
         for u in units:
@@ -143,6 +166,8 @@ class GroupTensors:
                 if id(weight) not in seen:
                     seen.add(id(weight))
                     out.weights.append(weight)
+        if out.shards and owners:
+            out.row_gradients = RowGradients(owners, out.shards)
         return out
 
     def activate(self) -> None:
@@ -151,6 +176,8 @@ class GroupTensors:
             w.requires_grad_(True)
         for s in self.shards:
             s.attach()
+        if self.row_gradients is not None:
+            self.row_gradients.install()
 
     def write_back(self, masters: Sequence[nn.Parameter]) -> None:
         """Puts the stepped values into the model: the fp32 ``masters`` (one per entry) into the
@@ -170,5 +197,11 @@ class GroupTensors:
             w.grad = None
         for p in self.params:
             p.grad = None
+        self.release()
+
+    def release(self) -> None:
+        """Drops the shards' views of the weights and gives the modules their forward back."""
+        if self.row_gradients is not None:
+            self.row_gradients.remove()
         for s in self.shards:
             s.release()

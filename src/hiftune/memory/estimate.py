@@ -18,9 +18,13 @@ paper's terms:
 
 Gradients are fp32, 4 bytes per trainable parameter of the model (FPFT) or of the peak group
 (HiFT). A group that trains row shards of a parameter (a vocabulary split by
-``HiFTConfig.max_unit_params``) counts its rows everywhere, plus the full-size gradient of that
-parameter in the weights' dtype, which backward computes before the shard's rows are taken out of
-it (an upper bound: it is freed before the optimizer step). Optimizer state is measured from the real optimizer class
+``HiFTConfig.max_unit_params``) counts its rows everywhere. Where a module owning the parameter
+cannot be run under row gradients (:mod:`hiftune.engine.rowgrad`: e.g. an embedding with
+``max_norm``), backward computes its full-size gradient in the weights' dtype before the shard's
+rows are taken out of it, and that is counted too (an upper bound: it is freed before the
+optimizer step); a use of the weight outside its modules or other than by ``F.embedding`` /
+``F.linear`` is not seen here and not counted. Optimizer
+state is measured from the real optimizer class
 (:class:`~hiftune.memory.state_sizer.StateSizer`), never from a table. HiFT's peak is the group
 whose gradients + state (+ fp32 masters in ``mixed^Hi``) are largest; it is found per optimizer
 and mode, since e.g. Adafactor's state is not proportional to the parameter count. Buffers (rotary
@@ -49,6 +53,7 @@ from torch import nn
 from ..engine.config import PRECISIONS, HiFTConfig
 from ..engine.optimizers import METHODS, OPTIMIZERS
 from ..engine.precision import DTYPES
+from ..engine.rowgrad import row_gradient_names
 from ..engine.units import Unit, group_name, group_units, split_units, unit_numel
 from ..errors import UserError, first_line
 from .configs import build_model, head_of, resolve_config
@@ -248,7 +253,7 @@ def estimate(
     # Candidate peaks per method: FPFT trains everything at once, HiFT one group at a time.
     candidates = {
         "fpft": [("all", [_Part(n, tuple(p.shape)) for n, p in named.items() if p.requires_grad])],
-        "hift": [(group_name(g), _parts(g, named)) for g in groups],
+        "hift": [(group_name(g), _parts(g, named, row_gradient_names(model))) for g in groups],
     }
 
     activations = (
@@ -285,24 +290,30 @@ def estimate(
 
 @dataclass(frozen=True)
 class _Part:
-    """What a group trains of one parameter: all of it, or a row shard (``sharded``)."""
+    """What a group trains of one parameter: all of it, or a row shard whose backward computes
+    the parameter's full-size gradient (``full_grad``)."""
 
     name: str
     shape: tuple[int, ...]
-    sharded: bool = False
+    full_grad: bool = False
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
 
-def _parts(group: Sequence[Unit], named: dict[str, nn.Parameter]) -> list[_Part]:
-    return [_Part(n, u.part_shape(n, named[n].shape), n in u.rows) for u in group for n in u.params]
+def _parts(group: Sequence[Unit], named: dict[str, nn.Parameter], rowgrad: set[str]) -> list[_Part]:
+    return [
+        _Part(n, u.part_shape(n, named[n].shape), n in u.rows and n not in rowgrad)
+        for u in group
+        for n in u.params
+    ]
 
 
 def _grad_bytes(mode: str, parts: Sequence[_Part], named: dict[str, nn.Parameter]) -> int:
-    """fp32 gradients of ``parts``, plus the transient full-size gradient of a sharded weight."""
-    full = {p.name for p in parts if p.sharded}
+    """fp32 gradients of ``parts``, plus the transient full-size gradient of a sharded weight
+    without row gradients."""
+    full = {p.name for p in parts if p.full_grad}
     weight_bytes = _FP32 if mode == "fp32" else _HALF
     return sum(p.numel for p in parts) * _FP32 + sum(named[n].numel() * weight_bytes for n in full)
 
