@@ -18,7 +18,8 @@ import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TypeVar
@@ -59,6 +60,29 @@ def is_main_process() -> bool:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextmanager
+def owned_process_group() -> Iterator[None]:
+    """Destroys, on the way out, a process group created inside the block (by the Trainer's
+    arguments, under ``torchrun``), never one that existed before (the caller's own).
+
+    Left to interpreter exit, gloo's threads can abort a process that finished its work
+    ("terminate called without an active exception"). After a normal exit the processes wait for
+    each other first, so that none tears the group down while another still uses it.
+    """
+    import torch.distributed as dist
+
+    existed = dist.is_available() and dist.is_initialized()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if not existed and dist.is_available() and dist.is_initialized():
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def on_main(action: Callable[[], T]) -> T | None:

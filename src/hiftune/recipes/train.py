@@ -61,7 +61,7 @@ from .models import (
 )
 from .plan import Plan, build_plan
 from .report import format_metrics, write_report
-from .rundir import OutputDir, is_main_process, launched_processes, on_main
+from .rundir import OutputDir, is_main_process, launched_processes, on_main, owned_process_group
 from .safe_io import check_output_dir, checkpoint_writes, save_final_model
 from .samples import SAMPLES, generate, held_out_prompts, samples_record
 from .sources import data_identity
@@ -135,7 +135,11 @@ class Recipe:
             UserError: For bad input: a missing model or data file, a task the model cannot do,
                 a checkpoint of another run, and so on.
         """
-        with _quiet_transformers(self.verbose), contextlib.ExitStack() as held:
+        with (
+            _quiet_transformers(self.verbose),
+            owned_process_group(),
+            contextlib.ExitStack() as held,
+        ):
             return self._run(held)
 
     def _run(self, held: contextlib.ExitStack) -> TrainResult:
