@@ -153,26 +153,14 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._closed = False
         # Each parameter mixed precision cast, with its dtype before, for close() to restore.
         self._cast: list[tuple[nn.Parameter, torch.dtype]] = []
+        # The group whose masters exist but whose optimizer is not built yet (construction).
+        self._building: tuple[int, list[nn.Parameter]] | None = None
 
-        for b, params in enumerate(self._params):
-            # One group at a time: build its fp32 masters, cast the model weights to half
-            # precision, and page the masters out before the next group, so the device never
-            # holds more than one group's masters.
-            shards = [s.param for s in self._tensors[b].shards]
-            masters = (
-                precision.make_masters(params, self._dtype, self._cast, shards)
-                if self._mixed
-                else []
-            )
-            torch_groups = param_groups(
-                list(zip(self._names[b], params, strict=True)),
-                masters if self._mixed else params,
-                param_groups_fn,
-            )
-            self._states.add(optimizer_cls(torch_groups, **optimizer_kwargs), masters)
-            self._tensors[b].deactivate()
-        if self._mixed:  # frozen weights too, so every matmul sees one dtype
-            precision.cast_to(model.parameters(), self._dtype, self._cast)
+        try:
+            self._build_groups(optimizer_cls, param_groups_fn, optimizer_kwargs)
+        except BaseException:
+            self._undo_build()
+            raise
 
         super().__init__(self._collect_param_groups(), dict(self._inner[0].defaults))
         # What a checkpoint must match to load (recorded in state_dict() too).
@@ -188,6 +176,56 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._truncation = BackwardTruncation(model, self.units)
         self._claim = claim_model(model, self, self._truncation, weights)
         self._activate()
+
+    def _build_groups(
+        self,
+        optimizer_cls: Callable[..., torch.optim.Optimizer],
+        param_groups_fn: ParamGroupsFn | None,
+        optimizer_kwargs: dict[str, Any],
+    ) -> None:
+        for b, params in enumerate(self._params):
+            # One group at a time: build its fp32 masters, cast the model weights to half
+            # precision, and page the masters out before the next group, so the device never
+            # holds more than one group's masters.
+            shards = [s.param for s in self._tensors[b].shards]
+            masters = (
+                precision.make_masters(params, self._dtype, self._cast, shards)
+                if self._mixed
+                else []
+            )
+            self._building = (b, masters)
+            torch_groups = param_groups(
+                list(zip(self._names[b], params, strict=True)),
+                masters if self._mixed else params,
+                param_groups_fn,
+            )
+            self._states.add(optimizer_cls(torch_groups, **optimizer_kwargs), masters)
+            self._building = None
+            self._tensors[b].deactivate()
+        if self._mixed:  # frozen weights too, so every matmul sees one dtype
+            precision.cast_to(self.model.parameters(), self._dtype, self._cast)
+
+    def _undo_build(self) -> None:
+        # A construction that failed (an optimizer refusing its arguments, say) hands the model
+        # back as it found it: each weight in its dtype with its exact values (from the masters
+        # built so far), trainable, with no shard views or wrapped forwards left.
+        def masters() -> Iterator[tuple[nn.Parameter, tuple[int, int] | None, torch.Tensor]]:
+            yield from self._trained_masters()
+            if self._building is not None:
+                b, data = self._building
+                t = self._tensors[b]
+                for name, rows, m in zip(t.names, t.rows, data, strict=True):
+                    yield self._named[name], rows, m.data
+
+        try:
+            if self._mixed:
+                precision.restore_weights(self._cast, masters())
+        finally:
+            for t in self._tensors:
+                for w in t.weights:
+                    w.requires_grad_(True)
+                t.release()
+            self._store.close()
 
     # --- the public surface -----------------------------------------------------------------
 
