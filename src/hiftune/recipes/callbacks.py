@@ -32,6 +32,7 @@ from ..integrations.transformers import unwrap_hift
 from ..memory.measure import PeakMemory, peak_memory_mib
 from .checkpoints import write_manifest
 from .config import RUN_CONFIG
+from .plan import compress_names
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,10 @@ class Progress(TrainerCallback):
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         hift = unwrap_hift(kwargs.get("optimizer"))
-        # The group active now is the one this step trains (the optimizer moves on in step()).
-        self._group = hift.group_names[hift.active_group] if hift is not None else "all"
+        # The group active now is the one this step trains (the optimizer moves on in step()),
+        # named as the plan printed before training names it.
+        name = hift.group_names[hift.active_group] if hift is not None else "all"
+        self._group = compress_names([name])
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         mem = self._meter.take_peak() if self._meter else float("nan")
