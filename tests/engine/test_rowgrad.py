@@ -1,6 +1,7 @@
 """Row gradients: the gradient of a shard's rows only, equal to those rows of autograd's gradient."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -164,3 +165,30 @@ def test_no_full_size_gradient_while_a_shard_trains_and_close_restores_the_forwa
     opt.zero_grad()
     opt.close()
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_a_copy_of_the_model_taken_mid_step_trains_its_own_weights():
+    # deepcopy (and pickle) of a model whose shard group is active: the copy must not send its
+    # embedding's gradient to the optimizer's shards, or it would never be trained.
+    torch.manual_seed(0)
+    model = TinyLM(vocab=200, tie=True)
+    HiFTOptimizer(model, torch.optim.AdamW, HiFTConfig(offload="none"), lr=1e-2)
+    ids = torch.randint(0, 200, (4, 12), generator=torch.Generator().manual_seed(1))
+    for copied in (copy.deepcopy(model), _pickled(model)):
+        copied.requires_grad_(True)
+        lm_loss(copied, ids).backward()
+        assert all(p.grad is not None for p in copied.parameters())
+        reference = copy.deepcopy(copied)
+        for m in reference.modules():
+            vars(m).pop("forward", None)
+        reference.zero_grad()
+        lm_loss(reference, ids).backward()
+        for (n, p), q in zip(copied.named_parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+def _pickled(model: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

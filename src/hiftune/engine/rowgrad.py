@@ -18,12 +18,13 @@ Correctness does not depend on finding every use of the weight: the weight keeps
 
 A module's forward is wrapped through an instance attribute (``module.forward``), set when the
 group becomes active and removed when it becomes inactive; a module whose forward someone else
-already replaced that way (accelerate's offloading hooks) is left alone.
+already replaced that way (accelerate's offloading hooks) is left alone. A copy or a pickle of a
+model taken while the wrapper is on gets its plain forward: the copy's gradients must reach its own
+weights, not this optimizer's shards.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,8 @@ def row_gradient_names(model: nn.Module) -> set[str]:
 
 
 def _wrappable(module: nn.Module, p: torch.Tensor) -> bool:
-    if "forward" in vars(module) or is_sharded(p):
+    own = vars(module).get("forward")
+    if (own is not None and not isinstance(own, _Forward)) or is_sharded(p):
         return False
     return not isinstance(module, nn.Embedding) or not (
         module.max_norm is not None or module.sparse or module.scale_grad_by_freq
@@ -94,17 +96,33 @@ class RowGradients:
     def install(self) -> None:
         """Wraps each module's forward in the row-gradient mode."""
         for module in self._modules:
-            vars(module)["forward"] = functools.partial(_forward, module, self._mode)
+            vars(module)["forward"] = _Forward(module, self._mode)
 
     def remove(self) -> None:
         """Gives each module its own forward back (idempotent)."""
         for module in self._modules:
-            vars(module).pop("forward", None)
+            if isinstance(vars(module).get("forward"), _Forward):
+                del vars(module)["forward"]
 
 
-def _forward(module: nn.Module, mode: TorchFunctionMode, *args: Any, **kwargs: Any) -> Any:
-    with mode:
-        return type(module).forward(module, *args, **kwargs)
+class _Forward:
+    """``module``'s own forward, run under ``mode`` (none: as it is)."""
+
+    def __init__(self, module: nn.Module, mode: TorchFunctionMode | None = None) -> None:
+        self.module = module
+        self.mode = mode
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self.module).forward
+        if self.mode is None:
+            return forward(self.module, *args, **kwargs)
+        with self.mode:
+            return forward(self.module, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy.deepcopy and pickle: the copy of the module runs its forward as it is. Under this
+        # mode its weight's gradient would go to the shards of the optimizer, not to the copy.
+        return (_Forward, (self.module,))
 
 
 class _RowMode(TorchFunctionMode):
