@@ -1,11 +1,18 @@
-"""The state stores: round trips, atomic disk files, cleanup, flush, clear errors."""
+"""The state stores: round trips, atomic disk files, cleanup, flush, clear errors, memory given
+back."""
 
 import gc
+import json
+import os
 import shutil
+import subprocess
+import sys
+import weakref
 
 import pytest
 import torch
 
+from hiftune.engine import paging
 from hiftune.engine.paging import DiskStore, HostStore, KeepStore
 
 
@@ -179,3 +186,71 @@ def test_sharded_tensors_round_trip_through_their_local_shard(tmp_path, store_cl
         store.close()
     finally:
         dist.destroy_process_group()
+
+
+class _Buffer(bytearray):
+    """Memory a tensor can be built on (``torch.frombuffer``) whose release a weakref can see."""
+
+
+def test_disk_put_keeps_no_reference_once_it_returns(tmp_path):
+    # The write thread must not outlive put() holding the group: if the caller's reference is the
+    # last one, the group's memory is free as soon as the caller drops it. (A thread that lets go
+    # a little later loses that race some of the time: hence several rounds.)
+    store = DiskStore(tmp_path)
+    for step in range(20):
+        buffer = _Buffer(torch.full((6,), float(step)).numpy().tobytes())
+        alive = weakref.ref(buffer)
+        tensors = {"master.0": torch.frombuffer(buffer, dtype=torch.float32)}
+        del buffer
+        store.put(0, tensors)
+        del tensors
+        assert alive() is None
+        assert torch.equal(store.get(0)["master.0"], torch.full((6,), float(step)))
+    store.close()
+
+
+_CYCLES = """
+import json, os, torch
+from hiftune.engine import paging
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+# Groups of different tensor sizes, as a model's embedding shards and blocks are.
+sizes = [(8, 2**20), (3, 3 * 2**19), (12, 2**18), (5, 3 * 2**18)]
+block = torch.ones(10 * 2**20)
+del block  # once a large block is freed, glibc serves smaller ones from its heap
+store = paging.DiskStore(release_memory={release})
+base = rss()
+for cycle in range(3):
+    for key, (n, numel) in enumerate(sizes):
+        store.prefetch(key)
+        state = store.get(key) or {{f"state.{{i}}": torch.zeros(numel) for i in range(n)}}
+        grads = [torch.full((numel,), key + 1.0) for _ in range(n)]  # what a step allocates
+        for t, g in zip(state.values(), grads):
+            t.add_(g)
+        del grads
+        store.put(key, state)
+        del state
+growth = rss() - base
+values = [sorted({{x for t in store.get(k).values() for x in t.unique().tolist()}}) for k in range(4)]
+print(json.dumps({{"growth": growth, "largest": 8 * 2**20 * 4, "values": values}}))
+"""
+
+
+@pytest.mark.skipif(paging._MALLOC_TRIM is None, reason="needs glibc's malloc_trim")
+def test_disk_paging_gives_freed_state_back_to_the_os():
+    # Everything is paged out at the end, so the process should hold hardly more than before the
+    # first group; a fresh process, for a heap that holds nothing else. The same run without
+    # giving memory back is the reference: glibc keeps the holes and the resident set grows.
+    def run(release: bool) -> dict:
+        script = _CYCLES.format(release=release)
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        return json.loads(out.stdout)
+
+    released, kept = run(release=True), run(release=False)
+    expected = [[3.0 * (key + 1)] for key in range(4)]  # each group stepped once per cycle, exactly
+    assert released["values"] == kept["values"] == expected
+    assert released["growth"] < released["largest"] < kept["growth"]

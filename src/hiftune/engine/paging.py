@@ -16,11 +16,14 @@ rank keeps only its own shard, on host or disk.
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import logging
 import os
+import sys
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +265,10 @@ class DiskStore(StateStore):
     crash never leaves a file that loads as garbage. Files are removed by :meth:`close` (also
     called when the store is garbage-collected or the interpreter exits).
 
+    Freed memory goes back to the operating system (with glibc) after each write and before each
+    read (on the background thread) and in :meth:`get`, so neither paged-out state nor the freed
+    activations of the backward pass stay resident as heap holes the next tensors do not fit.
+
     A failed write (a full disk, say) loses nothing: without write-behind :meth:`put` raises and
     the caller keeps its tensors; with write-behind the tensors stay in memory, the error is
     raised once by the next :meth:`get` of that group (or :meth:`flush`), and the one after
@@ -272,10 +279,17 @@ class DiskStore(StateStore):
             (``<tmp>/hiftune-state-<pid>-*``), removed on close; making one also removes those
             that processes killed before their cleanup left behind (see :mod:`.tempdirs`).
         write_behind: Return from :meth:`put` before the file is written (:meth:`flush` waits).
+        release_memory: Give freed memory back to the operating system as described above
+            (``False`` keeps glibc's default: a higher resident set, but steps about 10% faster on
+            a CPU, since memory used again need not be faulted in again).
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str] | None = None, *, write_behind: bool = False
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        write_behind: bool = False,
+        release_memory: bool = True,
     ) -> None:
         self._owned: OwnedDir | None = None
         if directory is None:
@@ -288,6 +302,7 @@ class DiskStore(StateStore):
         except OSError as e:
             raise ValueError(f"cannot create offload_dir {self.directory}: {e}") from None
         self.write_behind = write_behind
+        self.release_memory = release_memory
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hiftune-disk")
         # key -> (pending write, its size); never the tensors, which the write thread releases
         self._writes: dict[int, tuple[Future[None], int]] = {}
@@ -314,7 +329,9 @@ class DiskStore(StateStore):
         self._devices[key] = {k: v.device for k, v in tensors.items()}
         self._specs[key] = specs
         self._writes[key] = (
-            self._pool.submit(_write, host, self.path(key), key, self._unwritten),
+            self._pool.submit(
+                _write, host, self.path(key), key, self._unwritten, self.release_memory
+            ),
             tensor_bytes(host),
         )
         del host  # the write thread holds the only reference now, and drops it when done
@@ -331,12 +348,15 @@ class DiskStore(StateStore):
     def prefetch(self, key: int) -> None:
         if key in self._devices and key not in self._reads and key not in self._unwritten:
             self._reads[key] = self._pool.submit(
-                _load_if_written, self.path(key), key, self._unwritten
+                _load_if_written, self.path(key), key, self._unwritten, self.release_memory
             )
 
     def get(self, key: int) -> Tensors:
         if key not in self._devices:
             return {}
+        # The backward pass freed the activations: give them back before the step allocates.
+        if self.release_memory:
+            _release_free_memory()
         self._wait_write(key)  # a failed write-behind is raised here, once; its tensors stay
         if key in self._unwritten:
             self._reads.pop(key, None)
@@ -397,18 +417,55 @@ def make_store(offload: str, directory: str | None = None) -> StateStore:
     raise ValueError(f"offload must be one of none, host, disk; got {offload!r}")
 
 
-def _write(tensors: Tensors, path: Path, key: int, unwritten: dict[int, Tensors]) -> None:
+def _write(
+    tensors: Tensors, path: Path, key: int, unwritten: dict[int, Tensors], release: bool
+) -> None:
     # Runs on the write thread. On failure the tensors go to ``unwritten`` instead of being lost.
     try:
         _atomic_save(tensors, path)
     except BaseException:
         unwritten[key] = tensors
         raise
+    # Dropped before the future completes (the pool keeps a task's arguments until after that):
+    # else a group held only here outlives put() while the caller allocates the next one.
+    tensors.clear()
+    if release:
+        _release_free_memory()  # the group paged out before this one is gone by now
 
 
-def _load_if_written(path: Path, key: int, unwritten: dict[int, Tensors]) -> Tensors:
+def _load_if_written(path: Path, key: int, unwritten: dict[int, Tensors], release: bool) -> Tensors:
     # Runs on the same thread after the write of ``key``: if that failed there is no file to read.
+    # A read starts when a group becomes active, just after the previous group's state was freed.
+    if release:
+        _release_free_memory()
     return {} if key in unwritten else _load(path)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # glibc's; musl has none
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _find_malloc_trim()  # None where the C library has none
+
+
+def _release_free_memory() -> None:
+    # glibc keeps freed memory in its heaps for reuse, and once a large block (a logits tensor,
+    # a group's state) has been freed it serves every block up to that size (at most 32 MiB)
+    # from a heap instead of a mapping of its own. Paging frees a whole group's state every step,
+    # and the next group's tensors have other sizes, so the holes rarely fit and the resident set
+    # kept growing: by ~280 MiB of free heap over a cycle of SmolLM2-135M with bf16 state on
+    # disk. malloc_trim(0) hands the free pages back, also those inside a heap (a few ms; what
+    # costs more is faulting them in again when reused). Nothing to do with another C library.
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _atomic_save(tensors: Tensors, path: Path) -> None:
