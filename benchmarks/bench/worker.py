@@ -44,6 +44,7 @@ def measure(
     torch.set_num_threads(threads)
     meter = PeakMemory()
     module = adapters.load(method.family)  # imports the method's package before the baseline
+    workload.import_model_code(model)  # and the model's code, for every method alike
     runtime = current_memory_mib()
     net = workload.make_model(model, method.dtype, seed)
     options = dict(method.options)

@@ -21,6 +21,17 @@ TINY = "tiny-llama"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def import_model_code(name: str) -> type:
+    """Imports the model's ``transformers`` class (and returns it) without building a model.
+
+    The worker reads each method's *runtime* memory after this, so that the figure covers the
+    same code for every method, whether or not its own package imports ``transformers``.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config(name))]
+
+
 def model_config(name: str) -> Any:
     """The ``transformers`` config of a preset in ``hiftune.memory.configs.CONFIGS``, or the tiny
     test model."""
