@@ -10,9 +10,9 @@ weight, so the group's optimizer steps it like any parameter and its in-place up
 weight. The shard is never registered in the model: ``model.state_dict()`` and
 ``save_pretrained`` see the real weight only, and a tied weight stays one tensor.
 
-The cost of a sharded step: autograd computes gradients for whole tensors. Where the weight is
-used by plain ``nn.Embedding`` / ``nn.Linear`` modules (token embeddings and LM heads, tied or
-not), :mod:`.rowgrad` has those modules compute the gradient of the active rows only. Any other use
+The cost of a sharded step: autograd computes gradients for whole tensors. Where the weight's own
+modules look it up or multiply by it (``F.embedding`` / ``F.linear``: token embeddings and LM
+heads, tied or not), :mod:`.rowgrad` computes the gradient of the active rows only. Any other use
 of the weight gives it a **full-size gradient** in the model's dtype, which exists transiently, from
 the backward pass until :func:`take_grads` adds the shard's rows to the shard's gradient and drops
 it (before the optimizer step, and before paged-out state comes back unless a prefetch brought it
@@ -89,8 +89,8 @@ def take_grads(shards: Sequence[RowShard]) -> None:
     """Adds each shard's rows of its weight's gradient to the shard's, then drops the full-size
     gradients.
 
-    A shard's gradient comes from :mod:`.rowgrad` (uses through plain embedding and linear
-    modules), from the weight's full-size gradient (any other use), or both. The rows are copied,
+    A shard's gradient comes from :mod:`.rowgrad` (``F.embedding`` / ``F.linear`` in the
+    weight's own modules), from the weight's full-size gradient (any other use), or both. The rows are copied,
     so that the weight's full gradient (as large as the whole weight) is freed before the optimizer
     step allocates anything. A shard that got neither keeps no gradient.
     """
