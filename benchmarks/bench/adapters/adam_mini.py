@@ -12,7 +12,13 @@ from . import LossFn, Trainer, linear_decay
 
 def build(model: nn.Module, loss_fn: LossFn, lr: float, total_steps: int) -> Trainer:
     """``Adam_mini(named_parameters, dim, n_heads, n_kv_heads)`` from the model's config, as its
-    README shows (it finds embeddings, heads and attention blocks by parameter name)."""
+    README shows (it finds embeddings, heads and attention blocks by parameter name).
+
+    Its name sets are extended the way its README says to, for one case its defaults get wrong:
+    a norm weight whose name contains "embed" or "output" (BERT's ``embeddings.LayerNorm``,
+    ``attention.output.LayerNorm``) would take the per-row path meant for matrices and fail on a
+    1-D tensor, so norm weights take its plain-Adam path, as biases do.
+    """
     config: Any = getattr(model, "config", None)
     heads = getattr(config, "num_attention_heads", 1)
     opt = Adam_mini(
@@ -23,4 +29,5 @@ def build(model: nn.Module, loss_fn: LossFn, lr: float, total_steps: int) -> Tra
         n_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         verbose=False,
     )
+    opt.adam_block_names.add("norm")  # names are lower-cased: LayerNorm, RMSNorm, *_layernorm
     return Trainer(model, loss_fn, opt, linear_decay(opt, total_steps))
