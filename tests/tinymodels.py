@@ -267,3 +267,66 @@ class SharedBiasLM(nn.Module):
         for block in self.blocks:
             x = block(x, bias)
         return self.lm_head(x)
+
+
+def tiny_modality_model(kind: str):
+    """A tiny ``transformers`` model that takes pixels, a spectrogram or a waveform.
+
+    Args:
+        kind: ``"vit"`` (image classification), ``"whisper"`` (speech to text, an encoder-decoder
+            on a spectrogram), ``"wav2vec2"`` (CTC on a waveform) or ``"llava"`` (a CLIP vision
+            tower and a Llama decoder, image tokens in the text).
+    """
+    import transformers as T
+
+    attention = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    torch.manual_seed(0)
+    if kind == "vit":
+        return T.ViTForImageClassification(
+            T.ViTConfig(**attention, num_hidden_layers=2, image_size=32, patch_size=8)
+        )
+    if kind == "whisper":
+        sizes = dict(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64)
+        heads = dict(encoder_attention_heads=2, decoder_attention_heads=2)
+        return T.WhisperForConditionalGeneration(
+            T.WhisperConfig(
+                **sizes,
+                **heads,
+                vocab_size=96,
+                encoder_layers=2,
+                decoder_layers=2,
+                num_mel_bins=16,
+                max_source_positions=16,
+                max_target_positions=32,
+                pad_token_id=3,
+                bos_token_id=1,
+                eos_token_id=2,
+                decoder_start_token_id=1,
+                begin_suppress_tokens=None,
+                suppress_tokens=None,
+            )
+        )
+    if kind == "wav2vec2":
+        # 3 encoder layers (the 2 convolutions of the feature encoder are no block stack).
+        return T.Wav2Vec2ForCTC(
+            T.Wav2Vec2Config(
+                **attention,
+                num_hidden_layers=3,
+                vocab_size=24,
+                conv_dim=(16, 16),
+                conv_kernel=(3, 3),
+                conv_stride=(2, 2),
+                num_feat_extract_layers=2,
+                num_conv_pos_embeddings=4,
+                num_conv_pos_embedding_groups=2,
+            )
+        )
+    if kind == "llava":
+        vision = T.CLIPVisionConfig(**attention, num_hidden_layers=2, image_size=32, patch_size=8)
+        text = T.LlamaConfig(**attention, num_hidden_layers=2, num_key_value_heads=1, vocab_size=96)
+        # The last vision layer's output feeds the projector, so every weight is trained.
+        config = T.LlavaConfig(
+            vision_config=vision, text_config=text, image_token_id=95, vision_feature_layer=-1
+        )
+        return T.LlavaForConditionalGeneration(config)
+    raise KeyError(kind)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from hiftune import HiFTConfig, HiFTOptimizer, split_units
-from hiftune.engine.units import unit_numel
+from hiftune.engine.trace import trace_forward
+from hiftune.engine.units import find_block_stacks, unit_numel
 from tinymodels import tiny_auto_model
 
 #: (model_type, head, number of blocks over all stacks).
@@ -153,7 +154,68 @@ CASES = [
 def test_architecture(model_type, head, n_blocks, split):
     pytest.importorskip("transformers")
     model = tiny_auto_model(model_type, head).eval()  # eval: no dropout, runs are comparable
-    batch = _batch(model, head)
+    check_split(model, _batch(model, head), n_blocks, split)
+
+
+#: Models that take pixels, a spectrogram or a waveform: (kind, number of blocks over all stacks).
+MODALITIES = [("vit", 2), ("whisper", 4), ("wav2vec2", 3), ("llava", 4)]
+
+
+def _modality_batch(kind: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 90, (2, 8), generator=g)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=g), "labels": ids[:, 0] % 2}
+    if kind == "whisper":
+        return {"input_features": torch.randn(2, 16, 32, generator=g), "labels": ids}
+    if kind == "wav2vec2":  # 2 stride-2 convolutions: 63 samples give 15 frames for 4 labels
+        return {"input_values": torch.randn(2, 63, generator=g), "labels": ids[:, :4] % 20 + 1}
+    # llava: a 32-pixel image in 8-pixel patches is 16 image tokens, placed before the text.
+    image = torch.full((2, 16), 95)
+    labels = torch.cat([torch.full_like(image, -100), ids], dim=1)
+    return {
+        "input_ids": torch.cat([image, ids], dim=1),
+        "pixel_values": torch.randn(2, 3, 32, 32, generator=g),
+        "labels": labels,
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "n_blocks", "split"),
+    [(kind, n, split) for kind, n in MODALITIES for split in ("default", "paper", "half-block")],
+)
+def test_modality(kind, n_blocks, split):
+    """Vision and audio towers are traced too: their blocks are units in the order they run."""
+    pytest.importorskip("transformers")
+    from tinymodels import tiny_modality_model
+
+    model = tiny_modality_model(kind).eval()
+    paths = [path for stack in find_block_stacks(model) for path in stack]
+    traced = trace_forward(model, paths)
+    assert traced is not None and traced.device == "meta" and len(traced.blocks) == n_blocks
+    units = split_units(model, HiFTConfig(max_unit_params=None))
+    blocks = [u.module for u in units if u.module is not None]
+    # Traced, not by registration: whatever runs between two stacks is a unit between them.
+    stacks = [b.rsplit(".", 1)[0] for b in blocks]
+    if len(set(stacks)) > 1:
+        assert any(u.name.startswith("between.") for u in units), [u.name for u in units]
+    check_split(model, _modality_batch(kind), n_blocks, split)
+
+
+def _make_input_require_grad(model: nn.Module) -> None:
+    """Makes the token embedding's output require grad, as gradient checkpointing does."""
+    try:
+        embedding = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        return  # no token embedding (an audio model)
+    # (Not requires_grad_() on the output: a model scaling it in place would meet a leaf.)
+    embedding.register_forward_hook(
+        lambda m, a, out: out if out.requires_grad else out * torch.ones((), requires_grad=True)
+    )
+
+
+def check_split(model: nn.Module, batch: dict[str, torch.Tensor], n_blocks: int, split: str):
+    """The checks of the module docstring, on ``model`` in eval mode (no dropout)."""
     budget: int | str | None = {"default": "auto", "paper": None}.get(split)
     if split == "half-block":
         shapes = {n: p.shape for n, p in model.named_parameters()}
@@ -177,10 +239,7 @@ def test_architecture(model_type, head, n_blocks, split):
     # active one build no graph although the embedding output requires grad. (Rows, not whole
     # parameters: the weights below change during the cycle, and with them which ReLU rows of a
     # block above are dead when its turn comes.)
-    # (Not requires_grad_() on the output: a model scaling it in place would meet a leaf.)
-    model.get_input_embeddings().register_forward_hook(
-        lambda m, a, out: out if out.requires_grad else out * torch.ones((), requires_grad=True)
-    )
+    _make_input_require_grad(model)
     blocks = list(dict.fromkeys(u.module for u in units if u.module is not None))
     needs_grad: dict[str, bool] = {}
     for path in blocks:

@@ -3,7 +3,8 @@
 The unit split (:mod:`.units`) places a parameter by where it *runs* relative to the blocks, not by
 where it is registered: BART registers its embedding layer norm after the layers but uses it before
 them, and an encoder-decoder runs a whole second stack of blocks after the first. This module
-finds that out by running the model once on a tiny dummy input:
+finds that out by running the model once on a tiny dummy input (:mod:`.dummy`: token ids,
+pixels, a spectrogram or a waveform, whatever the model takes):
 
 * first on a ``meta`` copy of the model (shapes only: no memory, no compute, the user's model is
   not even called);
@@ -26,7 +27,6 @@ typing (``config.vocab_size``, ``get_input_embeddings``, the forward signature).
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+
+from .dummy import dummy_calls
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +66,6 @@ _METADATA = frozenset(
 
 #: What a meta tensor cannot answer (see :class:`_Uses`).
 _TRUTH = (torch.Tensor.__bool__, torch.Tensor.item)
-
-#: Length of the dummy sequence (shortened to the model's position limit if that is smaller).
-_SEQ_LEN = 8
 
 
 @dataclass(frozen=True)
@@ -164,9 +163,28 @@ def _run_in_place(model: nn.Module, block_paths: Sequence[str]) -> Trace | None:
 
 
 def _run(model: nn.Module, block_paths: Sequence[str], device: torch.device) -> Trace | None:
-    call = _dummy_call(model, device)
-    if call is None:
-        return None
+    """The first dummy call (:func:`.dummy.dummy_calls`) that runs and calls every block.
+
+    Returns the trace of the last call that ran if none called every block, ``None`` if there is
+    no call to make; raises the last call's error if none ran.
+    """
+    trace, error = None, None
+    for call in dummy_calls(model, device):
+        try:
+            trace = _watch(model, block_paths, call, device)
+        except Exception as e:  # the next call may take fewer inputs
+            error = e
+            continue
+        if len(trace.blocks) == len(block_paths):
+            return trace
+    if trace is None and error is not None:
+        raise error
+    return trace
+
+
+def _watch(
+    model: nn.Module, block_paths: Sequence[str], call: Callable[[], Any], device: torch.device
+) -> Trace:
     names = {id(p): n for n, p in model.named_parameters()}
     tick = [0]
     first_start: dict[str, int] = {}
@@ -224,53 +242,14 @@ class _Uses(TorchFunctionMode):
         if func in _TRUTH and args and getattr(args[0], "is_meta", False):
             # A meta tensor has no values. The model asks for one only to pick a shortcut (is
             # the mask all ones, is the batch packed); for the dummy input (no padding, one
-            # sequence) the answer is "yes", and no answer changes which parameters run.
-            return True if func is not torch.Tensor.item else 1
+            # sequence) the answer is "yes", and no answer changes which parameters run. A check
+            # (``torch._check``, a count of image tokens against image features) passes.
+            return _yes(args[0]) if func is torch.Tensor.item else True
         return func(*args, **kwargs)
 
 
-def _dummy_call(model: nn.Module, device: torch.device) -> Callable[[], Any] | None:
-    """A call of ``model`` on a tiny token input, or ``None`` if the model takes no token ids."""
-    vocab = _vocab_size(model)
-    if vocab is None:
-        return None
-    length = _SEQ_LEN
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions"):
-        limit = getattr(config, attr, None)
-        if isinstance(limit, int) and 2 <= limit < length:
-            length = limit
-    # Token ids 1..L (wrapped into the vocabulary): real ids, and not the usual padding id 0.
-    ids = (torch.arange(1, length + 1) % vocab).unsqueeze(0).to(device)
-    try:
-        signature = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return None
-    if "input_ids" not in signature:
-        return lambda: model(ids)
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    if "attention_mask" in signature:
-        # An explicit all-ones mask spares the model from inspecting the ids (for padding or
-        # packed sequences), which a meta tensor cannot answer.
-        kwargs["attention_mask"] = torch.ones_like(ids)
-    if "decoder_input_ids" in signature:
-        kwargs["decoder_input_ids"] = ids
-    if "use_cache" in signature:
-        kwargs["use_cache"] = False
-    return lambda: model(**kwargs)
-
-
-def _vocab_size(model: nn.Module) -> int | None:
-    size = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(size, int) and size > 1:
-        return size
-    get_inputs = getattr(model, "get_input_embeddings", None)
-    embedding: Any = None
-    if callable(get_inputs):
-        try:
-            embedding = get_inputs()
-        except (NotImplementedError, AttributeError):
-            embedding = None
-    if not isinstance(embedding, nn.Embedding):
-        embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-    return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
+def _yes(tensor: torch.Tensor) -> bool | int | float:
+    """ "Yes" as the Python scalar ``tensor.item()`` would give (``_check`` wants a ``bool``)."""
+    if tensor.dtype == torch.bool:
+        return True
+    return 1.0 if tensor.is_floating_point() or tensor.is_complex() else 1
