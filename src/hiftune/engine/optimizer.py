@@ -10,15 +10,16 @@ or patched. Each :meth:`HiFTOptimizer.step` then
 
 Freezing everything but the active group is what truncates backward (see :mod:`.truncation`).
 The delayed scheduler lives in :mod:`.delay`, the one-optimizer-per-model bookkeeping in
-:mod:`.claims`, the gradient all-reduce in :mod:`.distributed`, the paging in :mod:`.paging` and
-the row shards of a split parameter in :mod:`.shards`.
+:mod:`.claims`, the gradient all-reduce in :mod:`.distributed`, the paging in :mod:`.paging`, the
+row shards of a split parameter in :mod:`.shards`, and taking the model over and handing it back
+(masters, casts, trainability) in :mod:`.handover`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import ChainMap
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -29,7 +30,8 @@ from .claims import claim_model, release_claim, release_stale_claim
 from .config import HiFTConfig
 from .delay import DelayedLR
 from .distributed import all_reduce_mean, should_sync, world_size
-from .inner import GroupStates, ParamGroupsFn, param_groups
+from .handover import Handover
+from .inner import GroupStates, ParamGroupsFn
 from .order import group_order
 from .paging import StateStore, make_store
 from .precision import DTYPES, LossScaler
@@ -109,7 +111,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
         release_stale_claim(model)
         self.units: list[Unit] = split_units(model, self.config)
         named = dict(model.named_parameters())
-        self._named = named
         shapes = {n: p.shape for n, p in named.items()}
         # The units of each group, bottom-up. Everything per group below is indexed the same way
         # (by bottom-up group id b); self._order maps training positions to ids.
@@ -151,16 +152,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
         # Why the optimizer cannot step any more (an fp16 divergence), until a checkpoint loads.
         self._failure: str | None = None
         self._closed = False
-        # Each parameter mixed precision cast, with its dtype before, for close() to restore.
-        self._cast: list[tuple[nn.Parameter, torch.dtype]] = []
-        # The group whose masters exist but whose optimizer is not built yet (construction).
-        self._building: tuple[int, list[nn.Parameter]] | None = None
-
-        try:
-            self._build_groups(optimizer_cls, param_groups_fn, optimizer_kwargs)
-        except BaseException:
-            self._undo_build()
-            raise
+        # A failed construction hands the model back as it found it (see .handover).
+        self._handover = Handover(model, self._tensors, self._states, self._store, self._dtype)
+        self._handover.build(optimizer_cls, param_groups_fn, optimizer_kwargs)
 
         super().__init__(self._collect_param_groups(), dict(self._inner[0].defaults))
         # What a checkpoint must match to load (recorded in state_dict() too).
@@ -176,56 +170,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._truncation = BackwardTruncation(model, self.units)
         self._claim = claim_model(model, self, self._truncation, weights)
         self._activate()
-
-    def _build_groups(
-        self,
-        optimizer_cls: Callable[..., torch.optim.Optimizer],
-        param_groups_fn: ParamGroupsFn | None,
-        optimizer_kwargs: dict[str, Any],
-    ) -> None:
-        for b, params in enumerate(self._params):
-            # One group at a time: build its fp32 masters, cast the model weights to half
-            # precision, and page the masters out before the next group, so the device never
-            # holds more than one group's masters.
-            shards = [s.param for s in self._tensors[b].shards]
-            masters = (
-                precision.make_masters(params, self._dtype, self._cast, shards)
-                if self._mixed
-                else []
-            )
-            self._building = (b, masters)
-            torch_groups = param_groups(
-                list(zip(self._names[b], params, strict=True)),
-                masters if self._mixed else params,
-                param_groups_fn,
-            )
-            self._states.add(optimizer_cls(torch_groups, **optimizer_kwargs), masters)
-            self._building = None
-            self._tensors[b].deactivate()
-        if self._mixed:  # frozen weights too, so every matmul sees one dtype
-            precision.cast_to(self.model.parameters(), self._dtype, self._cast)
-
-    def _undo_build(self) -> None:
-        # A construction that failed (an optimizer refusing its arguments, say) hands the model
-        # back as it found it: each weight in its dtype with its exact values (from the masters
-        # built so far), trainable, with no shard views or wrapped forwards left.
-        def masters() -> Iterator[tuple[nn.Parameter, tuple[int, int] | None, torch.Tensor]]:
-            yield from self._trained_masters()
-            if self._building is not None:
-                b, data = self._building
-                t = self._tensors[b]
-                for name, rows, m in zip(t.names, t.rows, data, strict=True):
-                    yield self._named[name], rows, m.data
-
-        try:
-            if self._mixed:
-                precision.restore_weights(self._cast, masters())
-        finally:
-            for t in self._tensors:
-                for w in t.weights:
-                    w.requires_grad_(True)
-                t.release()
-            self._store.close()
 
     # --- the public surface -----------------------------------------------------------------
 
@@ -504,14 +448,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self._closed:
             return
         self._closed = True
+        # A diverged group's masters are skipped: its weights keep their last finite values.
+        failed = self._order[self._position] if self._failure is not None else None
         try:
-            if self._mixed:
-                precision.restore_weights(self._cast, self._trained_masters())
+            self._handover.hand_back(self._handover.trained_masters(skip=failed))
         finally:
-            for tensors in self._tensors:
-                tensors.release()  # no view of, or forward over, the model outlives the optimizer
             release_claim(self.model, self._claim)
-            self._store.close()
 
     def __repr__(self) -> str:
         inner = type(self._inner[0]).__name__
@@ -568,15 +510,3 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 f"this HiFTOptimizer stopped: {self._failure}. Load a checkpoint with "
                 "load_state_dict() or build a new optimizer"
             )
-
-    def _trained_masters(
-        self,
-    ) -> Iterator[tuple[nn.Parameter, tuple[int, int] | None, torch.Tensor]]:
-        # Each trained parameter (its rows, for a shard) with its fp32 master data, one group at a
-        # time (for close()). A diverged group's masters are skipped: its weights keep their
-        # last finite values.
-        failed = self._order[self._position] if self._failure is not None else None
-        for b, masters in self._states.drain(skip=failed):
-            tensors = self._tensors[b]
-            for name, rows, data in zip(tensors.names, tensors.rows, masters, strict=True):
-                yield self._named[name], rows, data
