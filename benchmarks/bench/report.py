@@ -94,6 +94,39 @@ def goal(speed: Sequence[Mapping[str, Any]], batch: int) -> list[str]:
     return lines
 
 
+def spread_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per method and batch size: the peaks of the repeated runs (median, min, max)."""
+    return [
+        {
+            "batch": b,
+            "method": _label(name),
+            "runs": len(ps),
+            "median peak MiB": round(statistics.median(ps)),
+            "min": round(min(ps)),
+            "max": round(max(ps)),
+            "peaks MiB": ", ".join(f"{p:.0f}" for p in ps),
+        }
+        for (name, b), ps in sorted(_peaks(results).items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    ]
+
+
+def spread_goal(results: Sequence[Mapping[str, Any]], batch: int) -> list[str]:
+    """:func:`goal` on the median peak of each method's repeated runs."""
+    medians = [
+        {"method": name, "batch_size": b, "peak_mib": statistics.median(ps)}
+        for (name, b), ps in _peaks(results).items()
+    ]
+    return goal(medians, batch)
+
+
+def _peaks(results: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], list[float]]:
+    peaks: dict[tuple[str, int], list[float]] = {}
+    for r in results:
+        if "error" not in r:
+            peaks.setdefault((r["method"], r["batch_size"]), []).append(r["peak_mib"])
+    return peaks
+
+
 def plot_memory(path: Path, results: Sequence[Mapping[str, Any]], batch: int) -> Path | None:
     """A horizontal bar chart of peak memory per method at one batch size."""
     rs = [r for r in results if r["batch_size"] == batch and "error" not in r]
@@ -186,6 +219,7 @@ def render(out_dir: Path, doc: Path, commands: Mapping[str, str]) -> str:
     speed = _load(out_dir / "speed.json")
     quality = _load(out_dir / "quality.json")
     scale = _load(out_dir / "scale.json")
+    spread = _load(out_dir / "spread.json")
     rel = out_dir.relative_to(doc.parent)
     lines = [
         "# Benchmarks: hiftune against the alternatives",
@@ -200,6 +234,8 @@ def render(out_dir: Path, doc: Path, commands: Mapping[str, str]) -> str:
         batches = sorted({r["batch_size"] for r in speed["results"]})
         lines += _speed_section(speed, batches, out_dir, rel)
         headline = markdown_table(speed_rows(speed["results"], batches[0]))
+    if spread:
+        lines += _spread_section(spread)
     if quality:
         lines += _quality_section(quality, out_dir, rel)
     if scale:
@@ -268,6 +304,26 @@ def _speed_section(speed: Mapping[str, Any], batches: list[int], out: Path, rel:
         lines += goal(speed["results"], b)
     lines += [""]
     return lines
+
+
+def _spread_section(spread: Mapping[str, Any]) -> list[str]:
+    results = spread["results"]
+    lines = [
+        "### Run-to-run spread of the peak",
+        "",
+        "The peak resident set of a run varies from run to run by tens of MiB (where the "
+        "allocator's heap fragments), as much as some gaps above. `make bench-spread` measured "
+        f"the rows closest to hiftune's {spread['repeats']} times each, the whole plan in turn "
+        f"({spread['started']['time']} to {spread['finished']['time']}; load average "
+        f"{spread['started']['loadavg']} at the start), in fresh processes as above.",
+        "",
+        markdown_table(spread_rows(results)),
+        "The goal on the medians:",
+        "",
+    ]
+    for b in sorted({r["batch_size"] for r in results}):
+        lines += spread_goal(results, b)
+    return [*lines, ""]
 
 
 def _quality_section(q: Mapping[str, Any], out: Path, rel: Path) -> list[str]:

@@ -139,6 +139,21 @@ def test_report_renders_tables_ratios_failures_and_the_goal(tmp_path: Path) -> N
     assert headline.startswith("| method | peak MiB |")
 
 
+def test_spread_reports_median_min_max_and_the_goal_on_medians() -> None:
+    # hiftune's single worst run is above BAdam's, its median below: both are what was measured.
+    results = [_result("hift-bf16-disk", p, 1.0) for p in (900.0, 860.0, 870.0)] + [
+        _result("badam", p, 1.0) for p in (880.0, 890.0, 910.0)
+    ]
+    rows = {r["method"]: r for r in report.spread_rows(results)}
+    hift = rows["hiftune bf16 mixed^Hi, disk paging"]
+    assert (hift["runs"], hift["median peak MiB"], hift["min"], hift["max"]) == (3, 870, 860, 900)
+    assert hift["peaks MiB"] == "900, 860, 870"
+    (line,) = report.spread_goal(results, 1)
+    assert line.endswith("870 MiB < BAdam, defaults (no embedding/head) 890 MiB: met (-20 MiB)")
+    worse = [r for r in results if r["peak_mib"] not in (860.0, 870.0)]  # hiftune: 900 alone
+    assert report.spread_goal(worse, 1)[0].endswith("**missed** (+10 MiB)")
+
+
 def test_readme_headline_is_replaced_only_between_its_markers(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text("intro\n")
