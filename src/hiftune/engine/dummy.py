@@ -24,6 +24,7 @@ read by attribute.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator
@@ -46,18 +47,38 @@ def dummy_calls(model: nn.Module, device: torch.device) -> list[Callable[[], Any
         device: Where the inputs are built.
 
     Returns:
-        The call with every input the model's forward takes and the config can size, then (for a
-        model that also takes token ids) the text-only call; empty if nothing can be built.
+        A call per entry of :func:`dummy_inputs`; for a plain module (``forward(self, x)``) the
+        call on token ids as its first argument; empty if nothing can be built.
+    """
+    inputs = dummy_inputs(model, device)
+    if inputs is None:
+        ids = _token_ids(model, getattr(model, "config", None), device)
+        return [] if ids is None else [lambda: model(ids)]
+    return [functools.partial(model, **kwargs) for kwargs in inputs]
+
+
+def dummy_inputs(model: nn.Module, device: torch.device) -> list[dict[str, Any]] | None:
+    """Keyword inputs of one tiny example for ``model``, to try in order until one runs.
+
+    Args:
+        model: The model (any device, ``meta`` included).
+        device: Where the inputs are built.
+
+    Returns:
+        Every input the model's forward takes and the config can size (token ids, with an
+        all-ones ``attention_mask`` and as ``decoder_input_ids`` if taken; ``pixel_values``,
+        ``input_features``, ``input_values``), then, for a model that also takes token ids, the
+        text-only inputs; empty if nothing can be sized. ``None`` if the forward takes none of
+        these names (a plain module).
     """
     try:
         signature = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return []
+        return None
+    if not any(name in signature for name in ("input_ids", *_INPUTS)):
+        return None
     config = getattr(model, "config", None)
     ids = _token_ids(model, config, device)
-    if not any(name in signature for name in ("input_ids", *_INPUTS)):
-        # A plain module (``forward(self, x)``): token ids as the first argument, if it has any.
-        return [] if ids is None else [lambda: model(ids)]
     text: dict[str, Any] = {}
     if ids is not None and "input_ids" in signature:
         text["input_ids"] = ids
@@ -76,12 +97,12 @@ def dummy_calls(model: nn.Module, device: torch.device) -> list[Callable[[], Any
             value = build(config, dtype, device)
             if value is not None:
                 other[name] = value
-    calls = []
+    inputs = []
     if other:
-        calls.append(lambda: model(**text, **other))
+        inputs.append({**text, **other})
     if "input_ids" in text:
-        calls.append(lambda: model(**text))
-    return calls
+        inputs.append(text)
+    return inputs
 
 
 def _token_ids(model: nn.Module, config: Any, device: torch.device) -> torch.Tensor | None:
