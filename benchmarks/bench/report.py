@@ -185,17 +185,56 @@ def quality_rows(q: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_quality(path: Path, block: Mapping[str, Any], workload: str) -> Path | None:
-    """Validation accuracy vs training wall time (first seed, each method at its chosen LR)."""
+#: The target of "time to quality": this fraction of full fine-tuning's final validation accuracy.
+TARGET_OF_FULL_FT = 0.95
+
+
+def _chosen_runs(block: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Per method, its first-seed run at the learning rate chosen by validation accuracy."""
     s = block["settings"]
-    series: dict[str, list[float]] = {}
-    xs: dict[str, list[float]] = {}
     res = [r for r in block["results"] if "error" not in r and r["seed"] == s["seeds"][0]]
+    chosen = {}
     for name in s["methods"]:
         mine = [r for r in res if r["method"] == name]
-        if not mine:
-            continue
-        best = max(mine, key=lambda r: (r["val_acc"], -r["lr"]))
+        if mine:
+            chosen[name] = max(mine, key=lambda r: (r["val_acc"], -r["lr"]))
+    return chosen
+
+
+def time_to_target(block: Mapping[str, Any]) -> tuple[float | None, list[dict[str, Any]]]:
+    """Which method first reaches :data:`TARGET_OF_FULL_FT` of full FT's final validation accuracy.
+
+    Returns:
+        The target (``None`` without a full fine-tuning run) and, per method, the training time
+        and step of its first evaluation at or above it (fastest first; "not reached" last).
+    """
+    chosen = _chosen_runs(block)
+    base = chosen.get("fpft-fp32")
+    if base is None:
+        return None, []
+    target = TARGET_OF_FULL_FT * base["val_acc"]
+    rows = []
+    for name, r in chosen.items():
+        hit = next((p for p in r["curve"] if p["val_acc"] >= target), None)
+        rows.append(
+            {
+                "method": _label(name),
+                "reached at (train s)": f"{hit['train_s']:.0f}" if hit else "not reached",
+                "at step": hit["step"] if hit else "-",
+                "of steps": r["steps"],
+                "final val acc": f"{100 * r['val_acc']:.1f}",
+                "_t": hit["train_s"] if hit else float("inf"),
+            }
+        )
+    rows.sort(key=lambda row: row["_t"])
+    return target, [{k: v for k, v in row.items() if k != "_t"} for row in rows]
+
+
+def plot_quality(path: Path, block: Mapping[str, Any], workload: str) -> Path | None:
+    """Validation accuracy vs training wall time (first seed, each method at its chosen LR)."""
+    series: dict[str, list[float]] = {}
+    xs: dict[str, list[float]] = {}
+    for name, best in _chosen_runs(block).items():
         series[_label(name)] = [p["val_acc"] for p in best["curve"]]
         xs[_label(name)] = [p["train_s"] for p in best["curve"]]
     if not series:
@@ -359,6 +398,15 @@ def _quality_section(q: Mapping[str, Any], out: Path, rel: Path) -> list[str]:
         png = plot_quality(out / f"accuracy_vs_time_{workload}.png", block, workload)
         if png:
             lines += [f"![accuracy vs wall time, {workload}]({rel}/{png.name})", ""]
+        target, reached = time_to_target(block)
+        if target is not None:
+            lines += [
+                f"**{workload}: time to {100 * target:.1f}% validation accuracy** "
+                f"({100 * TARGET_OF_FULL_FT:.0f}% of full fine-tuning's final value; first seed, "
+                "each method at its chosen rate; resolution: the evaluation points of a run):",
+                "",
+                markdown_table(reached),
+            ]
         for r in block["results"]:
             if "error" in r:
                 lines.append(
