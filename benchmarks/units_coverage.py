@@ -2,9 +2,13 @@
 
 For every model type in transformers' causal-LM, seq2seq-LM and masked-LM auto mappings, build a tiny
 model from its default config (``tests/tinymodels.tiny_auto_model``) and run the checks of
-``tests/engine/test_architectures.py::test_architecture`` on it (every parameter in one group, one
-block per unit, one cycle updates everything, truncation builds no graph below the active block, a
-single group equals plain AdamW). Writes ``docs/units/coverage.json`` and prints the counts.
+``tests/engine/test_architectures.py::test_architecture`` on it with the paper's split and with the
+default one (every parameter in one group, one block per unit, one cycle updates everything,
+truncation builds no graph below the active block, a single group equals plain AdamW); a type
+passes only if both do. Writes ``docs/units/coverage.json`` and prints the counts.
+
+The number of blocks the checks expect is found without the split under test (see
+:func:`expected_blocks`), so a unit holding two blocks, or a block cut into pieces, still fails.
 
 Run from the repository root (about 20 minutes on 2 cores, one torch thread)::
 
@@ -20,13 +24,16 @@ import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "engine")]
 
 import test_architectures  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 from transformers.models.auto import modeling_auto  # noqa: E402
 
 from tinymodels import tiny_auto_model  # noqa: E402
@@ -36,8 +43,25 @@ HEADS = {
     "seq2seq-lm": modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     "masked-lm": modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 }
-TIMEOUT_S = 30
+SPLITS = ("paper", "default")
+TIMEOUT_S = 30  # per split
 MAX_PARAMS = 3_000_000  # a "tiny" model; larger defaults are skipped, not counted
+
+#: Blocks per stack of a tiny model: ``tinymodels.TINY_FIELDS`` sets every layer count it knows
+#: (``num_hidden_layers``, ``encoder_layers``, ``num_decoder_layers``, ...) to 2.
+TINY_LAYERS = 2
+
+#: Distinct blocks by config, for the types (``"<model_type>/<head>"``, as in the results) whose
+#: config sizes the blocks by fields the tiny config leaves at their defaults, or whose forward
+#: calls one block several times.
+CONFIG_BLOCKS: dict[str, Callable[[Any], int]] = {
+    # One set of inner_group_num layers per group, shared by all num_hidden_layers calls.
+    "albert/masked-lm": lambda c: c.num_hidden_groups * c.inner_group_num,
+    # Encoder blocks of block_sizes layers (each called block_repeats times), then the decoder.
+    "funnel/masked-lm": lambda c: sum(c.block_sizes) + c.num_decoder_layers,
+    # num_encoder_layers is not among the tiny fields.
+    "prophetnet/seq2seq-lm": lambda c: c.num_encoder_layers + c.num_decoder_layers,
+}
 
 
 class _Timeout(Exception):
@@ -48,40 +72,104 @@ def _alarm(*_: object) -> None:
     raise _Timeout
 
 
+def expected_blocks(model: nn.Module, head: str, batch: dict[str, torch.Tensor]) -> int:
+    """How many blocks ``model`` has, found without the unit split.
+
+    :data:`CONFIG_BLOCKS` for the types listed there. Otherwise the layers the forward pass on
+    ``batch`` calls, where the model names its layer class in ``_no_split_modules``: every called
+    module of such a class that is an element of a ``ModuleList``, together with the other called
+    elements of that list (a hybrid's Mamba or linear-attention layers of another class), not
+    counting modules inside another counted one (experts inside a layer). Else two per stack of
+    the tiny config: four for an encoder-decoder, two otherwise.
+    """
+    config: Any = model.config
+    by_config = CONFIG_BLOCKS.get(f"{config.model_type}/{head}")
+    if by_config is not None:
+        return by_config(config)
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    lists = {id(child): m for m in model.modules() if isinstance(m, nn.ModuleList) for child in m}
+    called: dict[int, nn.Module] = {}
+
+    def on_call(module: nn.Module, _: object) -> None:
+        called.setdefault(id(module), module)
+
+    handles = [
+        m.register_forward_pre_hook(on_call)
+        for m in model.modules()
+        if id(m) in lists and any(True for _ in m.parameters())
+    ]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    layers = [m for m in called.values() if type(m).__name__ in no_split]
+    holders = {id(lists[id(m)]) for m in layers}
+    blocks = [m for m in called.values() if id(lists[id(m)]) in holders]
+    inner = {id(sub) for m in blocks for sub in m.modules() if sub is not m}
+    count = sum(id(m) not in inner for m in blocks)
+    if count:
+        return count
+    return TINY_LAYERS * (2 if getattr(config, "is_encoder_decoder", False) else 1)
+
+
 def check(model_type: str, head: str) -> str:
-    """``"ok"``, ``"FAIL ..."`` (built, a check failed) or why no tiny model could be built."""
+    """``"ok"``, ``"FAIL ..."`` (built, a check failed) or why no tiny model could be built.
+
+    Each phase (building and counting, then each split's checks) gets :data:`TIMEOUT_S`.
+    """
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    try:
+        return _check(model_type, head)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _check(model_type: str, head: str) -> str:
+    signal.alarm(TIMEOUT_S)
     try:
         model = tiny_auto_model(model_type, head).eval()
         if sum(p.numel() for p in model.parameters()) > MAX_PARAMS:
             return "not tiny"
-        copy.deepcopy(model)(**test_architectures._batch(model, head)).loss.backward()
+        batch = test_architectures._batch(model, head)
+        copy.deepcopy(model)(**batch).loss.backward()
+    except _Timeout:
+        return f"FAIL timeout building ({TIMEOUT_S} s)"
     except BaseException as e:  # any failure to build or run it: "no tiny model"
         return f"no tiny model: {type(e).__name__}"
     try:
-        n_blocks = 4 if getattr(model.config, "is_encoder_decoder", False) else 2
-        test_architectures.test_architecture(model_type, head, n_blocks)
-        return "ok"
-    except BaseException as e:  # a failed check is reported, not raised
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        first = str(e).splitlines()[0][:150] if str(e) else ""
-        return f"FAIL {type(e).__name__}: {first} @ {Path(where.filename).name}:{where.lineno}"
+        n_blocks = expected_blocks(model, head, batch)
+    except BaseException as e:  # _Timeout included
+        return f"FAIL counting blocks: {type(e).__name__}: {_first_line(e)}"
+    for split in SPLITS:
+        signal.alarm(TIMEOUT_S)
+        try:
+            test_architectures.test_architecture(model_type, head, n_blocks, split)
+        except _Timeout:
+            return f"FAIL {split}: timeout ({TIMEOUT_S} s)"
+        except BaseException as e:  # a failed check is reported, not raised
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            return (
+                f"FAIL {split}: {type(e).__name__}: {_first_line(e)} "
+                f"@ {Path(where.filename).name}:{where.lineno}"
+            )
+    return "ok"
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:150] if str(e) else ""
 
 
 def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
-    signal.signal(signal.SIGALRM, _alarm)
     results: dict[str, str] = {}
     for head, mapping in HEADS.items():
         for model_type in mapping:
-            signal.alarm(TIMEOUT_S)
-            try:
-                results[f"{model_type}/{head}"] = check(model_type, head)
-            except _Timeout:
-                results[f"{model_type}/{head}"] = "FAIL timeout"
-            finally:
-                signal.alarm(0)
+            results[f"{model_type}/{head}"] = check(model_type, head)
             print(model_type, head, results[f"{model_type}/{head}"], flush=True)
     out = ROOT / "docs" / "units" / "coverage.json"
     out.write_text(json.dumps(results, indent=1) + "\n")

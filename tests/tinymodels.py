@@ -191,6 +191,7 @@ TINY_FIELDS: dict[str, object] = {
     "num_experts_per_tok": 2,
     "tie_word_embeddings": False,
     "rotary_dim": 8,  # GPT-J: a part of the 16-wide heads
+    "mamba_chunk_size": 8,  # Falcon-H1: its CPU scan pads the sequence to a whole chunk
     "attention_types": [[["global", "local"], 1]],  # GPT-Neo: one entry per layer
 }
 

@@ -403,3 +403,71 @@ def test_group_by_size_trains_like_count_with_its_own_groups(batches):
     before = copy.deepcopy(model.state_dict())
     train_steps(model, opt, batches[:2])
     assert [n for n, p in model.state_dict().items() if torch.equal(before[n], p)] == []
+
+
+class _SharedLayerLM(nn.Module):
+    """ALBERT's shape: one layer, alone in a ModuleList, called at every depth."""
+
+    def __init__(self, vocab: int = 32, d: int = 16, depth: int = 3) -> None:
+        from tinymodels import Block
+
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList([Block(d)])
+        self.depth = depth
+        self.lm_head = nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for _ in range(self.depth):
+            x = self.layers[0](x)
+        return self.lm_head(x)
+
+
+def test_a_lone_layer_called_at_every_depth_is_one_block(batches):
+    from tinymodels import lm_loss
+
+    torch.manual_seed(0)
+    model = _SharedLayerLM()
+    units = split_units(model, PAPER)
+    # The layer whole, not the two Linear modules of its feed-forward taken for two blocks.
+    assert [u.name for u in units] == ["embed", "layers.0", "head"]
+    assert units[1].module == "layers.0"
+    assert set(units[1].params) == {
+        n for n, _ in model.named_parameters() if n.startswith("layers.")
+    }
+    # The layer runs again after its weights are first used (no cut for it); the head runs
+    # after its every call.
+    assert [u.cut for u in units] == [0, 0, 1]
+    # Each group's gradient is the plain backward's for the same weights, although the
+    # embedding output requires grad (as with gradient checkpointing): truncation cuts no call.
+    plain = copy.deepcopy(model)
+    model.embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    opt = HiFTOptimizer(
+        model, torch.optim.SGD, HiFTConfig(offload="none", max_unit_params=None), lr=0.5
+    )
+    before = copy.deepcopy(model.state_dict())
+    for ids in batches[: opt.num_groups]:
+        plain.load_state_dict(model.state_dict())
+        plain.zero_grad()
+        lm_loss(plain, ids).backward()
+        lm_loss(model, ids).backward()
+        active = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        reference = dict(plain.named_parameters())
+        assert active and all(torch.allclose(p.grad, reference[n].grad) for n, p in active.items())
+        opt.step()
+        opt.zero_grad()
+    assert [n for n, p in model.state_dict().items() if torch.equal(before[n], p)] == []
+
+
+def test_albert_shared_layer_is_one_unit():
+    pytest.importorskip("transformers")
+    model = tiny_auto_model("albert", "masked-lm")
+    units = split_units(model, PAPER)
+    assert [u.name for u in units] == ["embed", "layers.0", "head"]
+    layer = model.get_submodule(units[1].module)
+    assert {id(p) for p in layer.parameters()} == {
+        id(p) for n, p in model.named_parameters() if n in units[1].params
+    }
+    # The projection into the layers' width runs before them: with the embedding.
+    assert "albert.encoder.embedding_hidden_mapping_in.weight" in units[0].params

@@ -6,8 +6,9 @@ The split is found in three layers, the first that applies wins:
 2. Per-architecture facts in :data:`ARCHITECTURES`, keyed by ``model.config.model_type``, for what a
    walk of the module tree cannot know (e.g. OPT registers its final norm *before* its blocks).
 3. A generic method: the blocks are the longest run of consecutive sibling modules of one class
-   (a ``ModuleList`` of decoder layers, or a run inside an ``nn.Sequential``), plus every other
-   stack of blocks (``_no_split_modules`` classes, or the same class): an encoder's and a
+   (a ``ModuleList`` of decoder layers, or a run inside an ``nn.Sequential``; a layer alone in a
+   ``ModuleList``, such as ALBERT's one shared layer, if no model layer has a sibling of its
+   class), plus every other stack of blocks (``_no_split_modules`` classes, or the same class): an encoder's and a
    decoder's. One forward pass on a dummy input (:mod:`.trace`) then tells in which order the
    blocks run and where every other parameter is first used: before the first block (the
    ``embed`` unit), between two blocks (a ``between.<i>`` unit, e.g. an encoder's final norm and
@@ -308,14 +309,19 @@ def _candidate_runs(model: nn.Module) -> list[_Run]:
     for prefix, module in model.named_modules():
         for run in _runs_of_same_class(module):
             cls_name = type(run[0][1]).__name__
-            if len(run) < 2 and cls_name not in no_split:
+            nested = any(True for _ in run[0][1].children())
+            # A lone layer in a ModuleList is a stack of one block: ALBERT keeps its one shared
+            # layer there and calls it at every depth. Without this, the best run would be one
+            # of leaves inside that layer (its q/k/v/dense projections), each taken for a block.
+            lone_layer = nested and isinstance(module, nn.ModuleList)
+            if len(run) < 2 and not (lone_layer or cls_name in no_split):
                 continue
             paths = tuple(f"{prefix}.{name}" if prefix else name for name, _ in run)
             # Blocks have submodules: a run of leaves (the q/k/v/o projections inside one
             # block, the word/position/type embeddings) loses to a run of layers of any length,
             # and a lone module named in _no_split_modules (an embeddings or self-attention
-            # module some models list there) to a run of two or more layers.
-            nested = any(True for _ in run[0][1].children())
+            # module some models list there) or alone in a ModuleList to a run of two or more
+            # layers.
             score = (nested, len(run) >= 2, cls_name in no_split, len(run))
             found.append(_Run(prefix, paths, cls_name, score))
         mixed = _mixed_layers(prefix, module, no_split)
