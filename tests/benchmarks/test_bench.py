@@ -137,6 +137,7 @@ def test_report_renders_tables_ratios_failures_and_the_goal(tmp_path: Path) -> N
     assert "`make bench-quick`" in text and "| torch | 9.9 |" in text
     assert (out / "memory_b1.png").stat().st_size > 0
     assert headline.startswith("| method | peak MiB |")
+    assert "LoRA r8, all linear (bf16 base) 150 MiB: **missed** (+50 MiB)" in headline
 
 
 def test_spread_reports_median_min_max_and_the_goal_on_medians() -> None:
