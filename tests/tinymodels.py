@@ -331,3 +331,34 @@ def tiny_modality_model(kind: str):
         )
         return T.LlavaForConditionalGeneration(config)
     raise KeyError(kind)
+
+
+#: Head (``hiftune.memory.configs.HEADS``) -> the kind of :func:`tiny_modality_model` built for it.
+HEAD_KINDS = {
+    "speech-seq2seq": "whisper",
+    "image-cls": "vit",
+    "ctc": "wav2vec2",
+    "image-text-to-text": "llava",
+}
+
+
+def tiny_head_config(head: str):
+    """A tiny config for a head beyond the causal LM (sizes of :func:`tiny_modality_model`)."""
+    import transformers as T
+
+    if head == "seq2seq-lm":
+        return T.T5Config(
+            vocab_size=64,
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=2,
+            num_heads=2,
+            decoder_start_token_id=0,
+        )
+    config = tiny_modality_model(HEAD_KINDS[head]).config
+    if head == "ctc":
+        # No SpecAugment: its mask embedding only runs in training mode, which the memory tools'
+        # checks (in eval mode, see docs/inspect.md) cannot see.
+        config.mask_time_prob = 0.0
+    return config

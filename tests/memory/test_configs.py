@@ -28,3 +28,68 @@ def test_every_preset_builds_on_meta() -> None:
     for name in CONFIGS:
         model = build_model(resolve_config(name), device="meta")
         assert all(p.is_meta for p in model.parameters())
+
+
+# --- heads -----------------------------------------------------------------------------------
+
+
+def test_the_task_names_of_before_keep_their_heads():
+    from hiftune.memory.configs import TASK_HEADS
+
+    old = {"causal-lm": "causal-lm", "prompt-cls": "causal-lm", "sft": "causal-lm"}
+    assert {t: TASK_HEADS[t] for t in (*old, "seq-cls")} == {**old, "seq-cls": "seq-cls"}
+    assert list(TASK_HEADS)[:4] == ["causal-lm", "prompt-cls", "sft", "seq-cls"]
+
+
+@pytest.mark.parametrize(
+    ("head", "cls"),
+    [
+        ("seq2seq-lm", "T5ForConditionalGeneration"),
+        ("speech-seq2seq", "WhisperForConditionalGeneration"),
+        ("image-cls", "ViTForImageClassification"),
+        ("ctc", "Wav2Vec2ForCTC"),
+        ("image-text-to-text", "LlavaForConditionalGeneration"),
+    ],
+)
+def test_every_head_builds_its_class_on_meta(head, cls):
+    from tinymodels import tiny_head_config
+
+    model = build_model(tiny_head_config(head), head, num_labels=5, device="meta")
+    assert type(model).__name__ == cls
+    # Also wav2vec2's masked_spec_embed, made by a constructor that ignores the device context.
+    assert all(p.is_meta for p in model.parameters())
+    if head == "image-cls":
+        assert model.classifier.out_features == 5
+
+
+@pytest.mark.parametrize(
+    ("head", "family", "message"),
+    [
+        (
+            "causal-lm",
+            "vit",
+            "a vit model cannot do causal-lm: AutoModelForCausalLM has no class "
+            "for it; its heads: image-cls",
+        ),
+        (
+            "seq2seq-lm",
+            "llama",
+            "a llama model cannot do seq2seq-lm: AutoModelForSeq2SeqLM has no "
+            "class for it; its heads: causal-lm, seq-cls",
+        ),
+        (
+            "ctc",
+            "whisper",
+            "a whisper model cannot do ctc: AutoModelForCTC has no class for it; "
+            "its heads: causal-lm, speech-seq2seq",
+        ),
+    ],
+)
+def test_a_head_the_architecture_lacks_is_one_clear_line(head, family, message):
+    from hiftune.errors import UserError
+    from tinymodels import tiny_hf_config, tiny_modality_model
+
+    config = tiny_hf_config(family) if family == "llama" else tiny_modality_model(family).config
+    with pytest.raises(UserError) as e:
+        build_model(config, head, device="meta")
+    assert str(e.value) == message

@@ -317,3 +317,88 @@ def test_sub_units_keep_their_block_in_the_gradient_check(tmp_path):
     assert [u.name for u in layer][-1] == "layers.0.mlp.down_proj"
     assert {u.module for u in layer} == {"model.layers.0"}
     assert sum(u.params for u in result.units) == result.trainable_params == result.params
+
+
+#: Head -> its tiny model's units (name, block module) in execution order: the encoder's blocks,
+#: what runs between the stacks, then the decoder's (the vision tower before the LLM for LLaVA).
+SPLITS = {
+    "seq2seq-lm": [
+        ("embed", None),
+        ("layers.0", "encoder.block.0"),
+        ("layers.1", "encoder.block.1"),
+        ("between.2", None),
+        ("layers.2", "decoder.block.0"),
+        ("layers.3", "decoder.block.1"),
+        ("head", None),
+    ],
+    "speech-seq2seq": [
+        ("embed", None),
+        ("layers.0", "model.encoder.layers.0"),
+        ("layers.1", "model.encoder.layers.1"),
+        ("between.2", None),
+        ("layers.2", "model.decoder.layers.0"),
+        ("layers.3", "model.decoder.layers.1"),
+        ("head", None),
+    ],
+    "image-cls": [
+        ("embed", None),
+        ("layers.0", "vit.layers.0"),
+        ("layers.1", "vit.layers.1"),
+        ("head", None),
+    ],
+    "ctc": [
+        ("embed", None),
+        ("layers.0", "wav2vec2.encoder.layers.0"),
+        ("layers.1", "wav2vec2.encoder.layers.1"),
+        ("layers.2", "wav2vec2.encoder.layers.2"),
+        ("head", None),
+    ],
+    "image-text-to-text": [
+        ("embed", None),
+        ("layers.0", "model.vision_tower.encoder.layers.0"),
+        ("layers.1", "model.vision_tower.encoder.layers.1"),
+        ("between.2", None),
+        ("layers.2", "model.language_model.layers.0"),
+        ("layers.3", "model.language_model.layers.1"),
+        ("head", None),
+    ],
+}
+
+
+@pytest.mark.parametrize("head", sorted(SPLITS))
+def test_every_head_splits_in_execution_order_from_a_config_file(tmp_path, head):
+    from tinymodels import tiny_head_config
+
+    tiny_head_config(head).save_pretrained(tmp_path)
+    model = build_meta_model(str(tmp_path), task=head)
+    result = inspect_split(model, head=head, config=HiFTConfig(max_unit_params=None))
+    assert [(u.name, u.module) for u in result.units] == SPLITS[head]
+    assert not any("gradient check skipped" in w for w in result.warnings), result.warnings
+    if head == "image-text-to-text":  # LLaVA never uses it (tests/memory/test_gradient_check.py)
+        norm = "model.vision_tower.post_layernorm"
+        assert result.no_gradient == {FULL: [f"{norm}.weight", f"{norm}.bias"]}
+    else:
+        assert result.no_gradient == {} and result.warnings == []
+
+
+def test_the_embedding_of_a_decoder_after_a_vision_tower_has_its_own_gradient(tmp_path):
+    # The default split cuts LLaVA's embedding unit in two (vision patches, text tokens): each
+    # half trains when its group does, although the text embedding runs after the vision tower.
+    from tinymodels import tiny_head_config
+
+    tiny_head_config("image-text-to-text").save_pretrained(tmp_path)
+    model = build_meta_model(str(tmp_path), task="image-text-to-text")
+    result = inspect_split(model, head="image-text-to-text")
+    assert [u.name for u in result.units][:2] == [
+        "embed.model.vision_tower.embeddings.class_embedding+...+model.vision_tower.pre_layrnorm.bias",
+        "embed.model.language_model.embed_tokens.weight",
+    ]
+    assert list(result.no_gradient) == [FULL]
+
+
+def test_a_head_the_architecture_lacks_fails_before_the_split(tmp_path):
+    from tinymodels import tiny_head_config
+
+    tiny_head_config("image-cls").save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=r"its heads: image-cls$"):
+        build_meta_model(str(tmp_path), task="speech-seq2seq")

@@ -24,7 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the arguments of ``hiftune estimate``."""
     add_model_arguments(parser)
     parser.add_argument(
-        "--num-labels", type=int, default=2, help="classes of the seq-cls head (default 2)"
+        "--num-labels",
+        type=int,
+        default=2,
+        help="classes of the seq-cls or image-cls head (default 2)",
     )
     parser.add_argument(
         "--units-per-group", "-m", type=int, default=1, help="m, units per HiFT group (default 1)"

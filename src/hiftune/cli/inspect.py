@@ -19,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the arguments of ``hiftune inspect``."""
     add_model_arguments(parser)
     parser.add_argument(
-        "--num-labels", type=positive_int, default=2, help="classes of the seq-cls head (default 2)"
+        "--num-labels",
+        type=positive_int,
+        default=2,
+        help="classes of the seq-cls or image-cls head (default 2)",
     )
     parser.add_argument(
         "--units-per-group",

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 from ..engine.config import PRECISIONS
 from ..engine.optimizers import METHODS, OPTIMIZERS
-from ..memory.configs import TASK_HEADS
 from ..memory.profile import (
     PROFILE_OFFLOADS,
+    PROFILE_TASKS,
     TIMINGS,
     RunSpec,
     build_specs,
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``hiftune profile`` options to ``parser``."""
     parser.add_argument("model", help="a preset name or a Hugging Face config.json file or dir")
-    parser.add_argument("--task", default="causal-lm", choices=list(TASK_HEADS))
+    parser.add_argument("--task", default="causal-lm", choices=PROFILE_TASKS)
     parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument(

@@ -99,6 +99,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=tuple(TASK_HEADS),
         default="causal-lm",
         help="what the model is trained for: causal-lm, prompt-cls and sft build a causal LM "
-        "with its LM head (the names of hiftune train), seq-cls a classification head "
-        "(default causal-lm)",
+        "with its LM head (the names of hiftune train), seq-cls a classification head; "
+        "seq2seq-lm (T5, BART), speech-seq2seq (Whisper), image-cls (ViT), ctc (wav2vec2) and "
+        "image-text-to-text (LLaVA) the transformers auto class of that head (default causal-lm)",
     )

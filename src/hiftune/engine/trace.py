@@ -64,7 +64,7 @@ _METADATA = frozenset(
     }
 )
 
-#: What a meta tensor cannot answer (see :class:`_Uses`).
+#: What a meta tensor cannot answer (see :class:`MetaAnswers`).
 _TRUTH = (torch.Tensor.__bool__, torch.Tensor.item)
 
 
@@ -216,7 +216,29 @@ def _watch(
     return Trace(order, first_start, last_start, first_use, device.type)
 
 
-class _Uses(TorchFunctionMode):
+class MetaAnswers(TorchFunctionMode):
+    """Answers a meta tensor's value queries (``bool()``, ``.item()``) with "yes".
+
+    A meta tensor has no values. A model asks for one only to pick a shortcut (is the mask all
+    ones, is the batch packed) or to check its input (``torch._check``: as many image tokens as
+    image features); for a dummy input (no padding, one sequence, the right count) the answer is
+    "yes", and no answer changes which parameters run or what autograd saves. Other operations
+    run unchanged. The memory tools' one-pass checks on ``meta`` run under it too.
+    """
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if func in _TRUTH and args and getattr(args[0], "is_meta", False):
+            return _yes(args[0]) if func is torch.Tensor.item else True
+        return func(*args, **(kwargs or {}))
+
+
+class _Uses(MetaAnswers):
     """Records the first tick at which each watched parameter is an argument of an operation."""
 
     def __init__(self, names: dict[int, str], first_use: dict[str, int], tick: list[int]) -> None:
@@ -239,13 +261,7 @@ class _Uses(TorchFunctionMode):
                 if name is not None and name not in self._first_use:
                     self._first_use[name] = self._tick[0]
         self._tick[0] += 1
-        if func in _TRUTH and args and getattr(args[0], "is_meta", False):
-            # A meta tensor has no values. The model asks for one only to pick a shortcut (is
-            # the mask all ones, is the batch packed); for the dummy input (no padding, one
-            # sequence) the answer is "yes", and no answer changes which parameters run. A check
-            # (``torch._check``, a count of image tokens against image features) passes.
-            return _yes(args[0]) if func is torch.Tensor.item else True
-        return func(*args, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 def _yes(tensor: torch.Tensor) -> bool | int | float:

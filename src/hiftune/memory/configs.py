@@ -1,12 +1,15 @@
 """Model architectures by name, for the memory tools: presets, or a Hugging Face ``config.json``.
 
 The memory tools never need weights: ``estimate`` builds the model on the ``meta`` device and
-``profile`` with random weights. A preset is a ``transformers`` config written down as data.
+``profile`` with random weights. A preset is a ``transformers`` config written down as data. A
+model is built with one of the :data:`HEADS` (a ``transformers`` auto class); :mod:`.batches`
+gives the dummy batch its loss takes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -14,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 #: Preset name -> ``transformers.AutoConfig.for_model`` arguments (public architecture facts).
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -124,15 +127,53 @@ CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
-#: The heads a model can be built with: a causal language-model head, or a sequence
-#: classification head with ``num_labels`` classes.
-HEADS = ("causal-lm", "seq-cls")
+#: What the loss of a head compares its output with (see :func:`.batches.dummy_batches`): ``tokens``, the
+#: token ids themselves (a language model, also one decoding from an encoder); ``class``, one class
+#: id per example; ``transcript``, a few token ids per example, shorter than the input (CTC).
+LABELS = ("tokens", "class", "transcript")
+
+
+@dataclass(frozen=True)
+class Head:
+    """How to build one kind of model and what its loss takes.
+
+    Attributes:
+        auto_class: The ``transformers`` auto class that builds it from a config.
+        labels: One of :data:`LABELS`.
+    """
+
+    auto_class: str
+    labels: str
+
+    def __post_init__(self) -> None:
+        if self.labels not in LABELS:
+            raise ValueError(f"labels must be one of {', '.join(LABELS)}; got {self.labels!r}")
+
+
+#: Head name -> how it is built and what its labels are.
+HEADS: Mapping[str, Head] = MappingProxyType(
+    {
+        "causal-lm": Head("AutoModelForCausalLM", "tokens"),
+        "seq-cls": Head("AutoModelForSequenceClassification", "class"),
+        "seq2seq-lm": Head("AutoModelForSeq2SeqLM", "tokens"),
+        "speech-seq2seq": Head("AutoModelForSpeechSeq2Seq", "tokens"),
+        "image-cls": Head("AutoModelForImageClassification", "class"),
+        "ctc": Head("AutoModelForCTC", "transcript"),
+        "image-text-to-text": Head("AutoModelForImageTextToText", "tokens"),
+    }
+)
 
 #: Task name -> head. The head names themselves, and ``hiftune train``'s task names, so that one
 #: name means one model everywhere: ``prompt-cls`` (a label word after a prompt) and ``sft``
-#: (prompt/response pairs) train a causal LM with its LM head; ``seq-cls`` a classification head.
+#: (prompt/response pairs) train a causal LM with its LM head; every other name is a head of
+#: :data:`HEADS`.
 TASK_HEADS: Mapping[str, str] = MappingProxyType(
-    {"causal-lm": "causal-lm", "prompt-cls": "causal-lm", "sft": "causal-lm", "seq-cls": "seq-cls"}
+    {
+        "causal-lm": "causal-lm",
+        "prompt-cls": "causal-lm",
+        "sft": "causal-lm",
+        **{h: h for h in HEADS},
+    }
 )
 
 
@@ -184,22 +225,42 @@ def build_model(
     Args:
         config: A ``transformers`` config (e.g. from :func:`resolve_config`).
         task: A key of :data:`TASK_HEADS`: a head name or one of ``hiftune train``'s tasks.
-        num_labels: Classes of a ``seq-cls`` head.
+        num_labels: Classes of a ``class`` head (``seq-cls``, ``image-cls``).
         device: Where to build; ``"meta"`` gives shapes without storage.
         dtype: The parameters' dtype.
 
     Raises:
         UserError: For an unknown task, or an architecture that has no model class for its head.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
     head = head_of(task)
-    auto = AutoModelForCausalLM if head == "causal-lm" else AutoModelForSequenceClassification
-    if head == "seq-cls":
+    auto = getattr(transformers, HEADS[head].auto_class)
+    if HEADS[head].labels == "class":
         config.num_labels = num_labels
     try:
         with torch.device(device):
-            return auto.from_config(config, dtype=dtype)
+            model = auto.from_config(config, dtype=dtype)
     except ValueError as e:
         what = task if task == head else f"{task} (a {head} head)"
-        raise UserError(f"a {config.model_type} model cannot do {what}: {e}") from None
+        has = [h for h in HEADS if _has_head(config, h)]
+        if has:  # transformers' own message lists every model type the auto class knows
+            raise UserError(
+                f"a {config.model_type} model cannot do {what}: {HEADS[head].auto_class} has no "
+                f"class for it; its heads: {', '.join(has)}"
+            ) from None
+        raise UserError(f"a {config.model_type} model cannot do {what}: {first_line(e)}") from None
+    # A tensor made by the legacy ``torch.Tensor(n)`` constructor ignores the device context
+    # (wav2vec2's ``masked_spec_embed``).
+    return model.to(device)
+
+
+def _has_head(config: Any, head: str) -> bool:
+    """Whether ``transformers`` has a model class for ``config`` with ``head``."""
+    import transformers
+
+    mapping = getattr(getattr(transformers, HEADS[head].auto_class), "_model_mapping", None)
+    try:
+        return type(config) in mapping  # type: ignore[operator]
+    except TypeError:  # no mapping (another transformers version): no suggestion
+        return False

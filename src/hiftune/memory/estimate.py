@@ -54,8 +54,10 @@ from ..engine.config import PRECISIONS, HiFTConfig
 from ..engine.optimizers import METHODS, OPTIMIZERS
 from ..engine.precision import DTYPES
 from ..engine.rowgrad import row_gradient_names
+from ..engine.trace import MetaAnswers
 from ..engine.units import Unit, group_name, group_units, split_units, unit_numel
 from ..errors import UserError, first_line
+from .batches import dummy_batches
 from .configs import build_model, head_of, resolve_config
 from .render import markdown_table
 from .state_sizer import StateSizer
@@ -156,8 +158,9 @@ def build_meta_model(model: str | Any, task: str = "causal-lm", num_labels: int 
     Args:
         model: A preset of :data:`~hiftune.memory.configs.CONFIGS`, a path to a ``config.json``
             (or its directory), or a ``transformers`` config (copied, not changed).
-        task: A task of :data:`~hiftune.memory.configs.TASK_HEADS`: which head to build.
-        num_labels: Classes of a ``seq-cls`` head.
+        task: A task of :data:`~hiftune.memory.configs.TASK_HEADS`: which head to build (a head
+            of :data:`~hiftune.memory.configs.HEADS` or a ``hiftune train`` task).
+        num_labels: Classes of a ``seq-cls`` or ``image-cls`` head.
 
     Raises:
         UserError: For an unknown preset, an unreadable path, or a task the architecture lacks.
@@ -197,9 +200,10 @@ def estimate(
         config: Unit-split overrides (``units`` / ``blocks``); its ``units_per_group`` is replaced
             by ``units_per_group``.
         task: A task of :data:`~hiftune.memory.configs.TASK_HEADS` (``causal-lm``, ``prompt-cls``,
-            ``sft``: a causal LM; ``seq-cls``: a classification head): the head to build from a
-            name or config, and the inputs of the activation estimate.
-        num_labels: Classes of a ``seq-cls`` head.
+            ``sft``: a causal LM; any other head of :data:`~hiftune.memory.configs.HEADS`): the
+            head to build from a name or config, and the batch of the activation estimate
+            (:func:`~hiftune.memory.batches.dummy_batches`).
+        num_labels: Classes of a ``seq-cls`` or ``image-cls`` head.
         batch_size: With ``seq_len``, also estimate saved activations (needs a meta model).
         seq_len: Sequence length of the activation estimate.
 
@@ -368,6 +372,7 @@ def _activation_estimates(
         if dtype not in by_dtype:
             probe = copy.deepcopy(model).to(dtype)
             probe.train()  # training keeps dropout masks
+            _run_every_layer(probe)
             config = getattr(probe, "config", None)
             if head == "seq-cls" and config is not None and config.pad_token_id is None:
                 # Classification heads pool at the last non-pad token and refuse batches > 1
@@ -389,6 +394,20 @@ def _activation_estimates(
     return out
 
 
+#: Layer-drop probabilities: in training mode a block is skipped at random with it.
+_LAYER_DROP = ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")
+
+
+def _run_every_layer(model: nn.Module) -> None:
+    """Sets layer-drop to 0 (the peak is a step that skips no block, and one pass must not be
+    random). Modules read it from their config (wav2vec2) or keep a copy of their own (BART)."""
+    configs = [c for m in model.modules() if (c := getattr(m, "config", None)) is not None]
+    for owner in [*model.modules(), *configs]:
+        for name in _LAYER_DROP:
+            if isinstance(getattr(owner, name, None), float):
+                setattr(owner, name, 0.0)
+
+
 def _saved_bytes(
     model: nn.Module, active: list[str] | None, head: str, batch_size: int, seq_len: int
 ) -> int:
@@ -407,16 +426,21 @@ def _saved_bytes(
             saved[storage._cdata] = storage.nbytes()
         return t
 
-    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
-    labels = torch.zeros(batch_size, dtype=torch.long, device="meta") if head == "seq-cls" else ids
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, labels=labels)
-    except Exception as e:  # a model that cannot run on meta: say so instead of guessing
+    error: Exception | None = None
+    for batch in dummy_batches(model, head, batch_size, seq_len):
+        saved.clear()
+        try:
+            with MetaAnswers(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(**batch)
+        except Exception as e:  # no loss on meta (e.g. CTC): the batch without labels
+            error = error or e
+            continue
+        break
+    else:  # a model that cannot run on meta: say so instead of guessing
         raise UserError(
             f"cannot estimate activations of {type(model).__name__} on the meta device: "
-            f"{type(e).__name__}: {e} (leave out batch_size/seq_len for the other figures)"
-        ) from e
+            f"{type(error).__name__}: {error} (leave out batch_size/seq_len for the other figures)"
+        ) from error
     return sum(saved.values())
 
 

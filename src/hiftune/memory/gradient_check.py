@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.trace import MetaAnswers
 from ..engine.truncation import BackwardTruncation
 from ..engine.units import Unit, group_name
+from .batches import dummy_batches
 
 #: A model that cannot run on ``meta`` is rebuilt for the check up to this many parameters.
 REAL_CHECK_PARAMS = 50_000_000
@@ -35,7 +37,7 @@ def check_gradients(
         model: The model (its ``requires_grad`` flags and mode are restored afterwards).
         units: Its units, bottom-up, as :func:`hiftune.split_units` gives them.
         groups: The groups of those units.
-        head: ``causal-lm`` or ``seq-cls``: the dummy labels.
+        head: A key of :data:`~.configs.HEADS`: the dummy batch and its labels.
 
     Returns:
         ``shared``: parameter name -> the blocks (or ``"outside blocks"``) that call it, for those
@@ -56,18 +58,25 @@ def check_gradients(
 
 
 def dummy_loss(model: nn.Module, head: str) -> torch.Tensor:
-    """The loss of one dummy batch: a row of 8 tokens, the last one end-of-sequence."""
-    device = next(model.parameters()).device
-    config = getattr(model, "config", None)
-    ids = torch.zeros(1, 8, dtype=torch.long, device=device)
-    eos = getattr(config, "eos_token_id", None)
-    if isinstance(eos, int) and 0 <= eos < getattr(config, "vocab_size", 0):
-        ids[:, -1] = eos  # e.g. T5/BART classification heads pool at the end-of-sequence token
-    labels = torch.zeros(1, dtype=torch.long, device=device) if head == "seq-cls" else ids
-    kwargs = {"input_ids": ids, "labels": labels}
-    if getattr(config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = ids
-    out = model(**kwargs)
+    """The loss of one dummy example for a ``head`` model (:func:`~.batches.dummy_batches`).
+
+    A row of 8 tokens (the last one end-of-sequence) and whatever else the model takes (pixels, a
+    spectrogram, a waveform), with the head's labels; if the model cannot compute its loss on it,
+    the same without labels, and any scalar that depends on every output stands for the loss.
+
+    Raises:
+        Exception: What the model raises on the batch with labels, if no batch runs.
+    """
+    error: Exception | None = None
+    for batch in dummy_batches(model, head):
+        try:
+            out = model(**batch)
+        except Exception as e:
+            error = error or e
+            continue
+        break
+    else:
+        raise error or ValueError("no dummy batch")
     loss = getattr(out, "loss", None)
     if loss is None:  # no loss of its own: any scalar that depends on every output will do
         first = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
@@ -142,7 +151,8 @@ def _reached(model: nn.Module, named: dict[str, nn.Parameter], head: str) -> set
     without computing a single gradient.
     """
     name_of = {id(p): n for n, p in named.items()}
-    loss = dummy_loss(model, head)
+    with MetaAnswers():  # value queries on meta (a mask's shortcut, LLaVA's token count)
+        loss = dummy_loss(model, head)
     reached: set[str] = set()
     seen: set[Any] = set()
     todo = [loss.grad_fn]

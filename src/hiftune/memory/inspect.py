@@ -125,7 +125,8 @@ def inspect_split(
         seed: Seed of the ``random`` order.
         precision: ``fp32``, ``bf16`` or ``fp16``: the dtype the byte counts assume.
         config: Unit-split overrides (``units`` / ``blocks``); its m, order and seed are replaced.
-        head: ``causal-lm`` or ``seq-cls``: which dummy labels the gradient check passes.
+        head: A head of :data:`~hiftune.memory.configs.HEADS`: the dummy batch and labels the
+            gradient check passes (:func:`~hiftune.memory.batches.dummy_batches`).
         check_gradients: Run the dummy forward pass per group that finds parameters that would
             get no gradient (:mod:`hiftune.memory.gradient_check`).
 

@@ -37,6 +37,7 @@ from .configs import build_model
 from .profile_worker import (
     MALLOC_ENV,
     PROFILE_OFFLOADS,
+    PROFILE_TASKS,
     PROGRESS,
     TIMINGS,
     RunSpec,
@@ -46,6 +47,7 @@ from .profile_worker import (
 
 __all__ = [
     "PROFILE_OFFLOADS",
+    "PROFILE_TASKS",
     "TIMINGS",
     "RunSpec",
     "build_specs",

@@ -54,6 +54,9 @@ from .render import write_json
 
 logger = logging.getLogger(__name__)
 
+#: The tasks ``profile`` can train: its batches are token ids (a causal LM, a classifier).
+PROFILE_TASKS = tuple(t for t, head in TASK_HEADS.items() if head in ("causal-lm", "seq-cls"))
+
 #: The engine's offloads plus ``discard``, which is not a real offload: it throws inactive state
 #: away (:class:`DiscardStore`), the memory floor of paging.
 PROFILE_OFFLOADS = (*OFFLOADS, "discard")
@@ -85,7 +88,7 @@ class RunSpec:
     Attributes:
         model: A preset name or a Hugging Face ``config.json`` file or directory.
         method: ``"fpft"`` (the plain optimizer over all parameters) or ``"hift"``.
-        task: A key of :data:`~hiftune.memory.configs.TASK_HEADS` (a head or a recipe task).
+        task: One of :data:`PROFILE_TASKS` (a head or a recipe task).
         batch_size: Sequences per step.
         seq_len: Tokens per sequence.
         optimizer: A name of :data:`hiftune.engine.optimizers.OPTIMIZERS`.
@@ -131,7 +134,7 @@ class RunSpec:
     def __post_init__(self) -> None:
         for name, allowed in (
             ("method", METHODS),
-            ("task", tuple(TASK_HEADS)),
+            ("task", PROFILE_TASKS),
             ("optimizer", tuple(OPTIMIZERS)),
             ("offload", PROFILE_OFFLOADS),
             ("precision", PRECISIONS),
