@@ -204,12 +204,50 @@ TINY_TOKEN_IDS = {
 }
 
 
+#: Heads of vision and audio models (as ``hiftune.memory.configs.HEADS`` names them) -> auto class.
+MODALITY_HEADS = {
+    "image-cls": "AutoModelForImageClassification",
+    "ctc": "AutoModelForCTC",
+    "speech-seq2seq": "AutoModelForSpeechSeq2Seq",
+    "image-text-to-text": "AutoModelForImageTextToText",
+}
+
+#: What else a tiny vision or audio model sets: small images and spectrograms, a short conv stack.
+TINY_MODALITY_FIELDS: dict[str, object] = {
+    "image_size": 32,
+    "patch_size": 8,
+    "num_mel_bins": 16,
+    "max_source_positions": 16,
+    "max_target_positions": 64,
+    # One convolution in a wav2vec2-style feature encoder: two would tie with the two encoder
+    # layers for the main block stack (real models have 7 and 12).
+    "conv_dim": (16,),
+    "conv_kernel": (3,),
+    "conv_stride": (2,),
+    "num_feat_extract_layers": 1,
+    "num_conv_pos_embeddings": 4,
+    "num_conv_pos_embedding_groups": 2,
+}
+
+
+def _shrink_sub_configs(config, fields: dict[str, object]) -> None:
+    """Rebuilds each sub-config (``vision_config``, ``text_config``, ...) with the tiny fields."""
+    for name, sub in list(vars(config).items()):
+        if not (hasattr(sub, "model_type") and hasattr(sub, "to_dict")):
+            continue
+        values = sub.to_dict()
+        small = {k: v for k, v in fields.items() if k in values}
+        if small:
+            setattr(config, name, type(sub)(**{**values, **small}))
+
+
 def tiny_auto_model(model_type: str, head: str = "causal-lm"):
     """A tiny ``transformers`` model of ``model_type``, from its default config made small.
 
     Args:
         model_type: A key of ``transformers``' config mapping (``"llama"``, ``"t5"``, ...).
-        head: ``"causal-lm"``, ``"seq2seq-lm"``, ``"masked-lm"`` or ``"seq-cls"``.
+        head: ``"causal-lm"``, ``"seq2seq-lm"``, ``"masked-lm"``, ``"seq-cls"`` or one of
+            :data:`MODALITY_HEADS` (its sub-configs are made small too).
 
     Raises:
         Exception: Whatever ``transformers`` raises if the tiny config cannot be built.
@@ -217,14 +255,18 @@ def tiny_auto_model(model_type: str, head: str = "causal-lm"):
     import transformers as T
 
     defaults = T.AutoConfig.for_model(model_type).to_dict()
+    fields = {**TINY_FIELDS, **(TINY_MODALITY_FIELDS if head in MODALITY_HEADS else {})}
     config = T.AutoConfig.for_model(
-        model_type, **{k: v for k, v in TINY_FIELDS.items() if k in defaults}
+        model_type, **{k: v for k, v in fields.items() if k in defaults}
     )
+    if head in MODALITY_HEADS:
+        _shrink_sub_configs(config, fields)
     auto = {
         "causal-lm": T.AutoModelForCausalLM,
         "seq2seq-lm": T.AutoModelForSeq2SeqLM,
         "masked-lm": T.AutoModelForMaskedLM,
         "seq-cls": T.AutoModelForSequenceClassification,
+        **{h: getattr(T, name) for h, name in MODALITY_HEADS.items()},
     }[head]
     for key, small in TINY_TOKEN_IDS.items():
         if isinstance(getattr(config, key, None), int) and getattr(config, key) >= 96:

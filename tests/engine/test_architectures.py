@@ -24,7 +24,7 @@ from torch import nn
 from hiftune import HiFTConfig, HiFTOptimizer, split_units
 from hiftune.engine.trace import trace_forward
 from hiftune.engine.units import find_block_stacks, unit_numel
-from tinymodels import tiny_auto_model
+from tinymodels import MODALITY_HEADS, tiny_auto_model
 
 #: (model_type, head, number of blocks over all stacks).
 ARCHS = [
@@ -78,6 +78,10 @@ def _one_thread():
 
 
 def _batch(model: nn.Module, head: str) -> dict[str, torch.Tensor]:
+    if head in MODALITY_HEADS:  # pixels, spectrograms, waveforms: the memory tools' batches
+        from hiftune.memory.batches import dummy_batches
+
+        return dummy_batches(model, head, batch_size=2, seq_len=400 if head == "ctc" else 8)[0]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 96, (2, 8), generator=g)
     if head == "seq-cls":
