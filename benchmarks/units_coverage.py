@@ -26,7 +26,7 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from transformers.models.auto import modeling_auto  # noqa: E402
 
 from tinymodels import tiny_auto_model  # noqa: E402
 
-HEADS = {
+HEADS: dict[str, Mapping[str, Any]] = {
     "causal-lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     "seq2seq-lm": modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     "masked-lm": modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
@@ -151,7 +151,7 @@ def _check(model_type: str, head: str) -> str:
         batch = test_architectures._batch(model, head)
         copy.deepcopy(model)(**batch).loss.backward()
     except _Timeout:
-        return f"FAIL timeout building ({TIMEOUT_S} s)"
+        return f"no tiny model: timeout building ({TIMEOUT_S} s)"
     except BaseException as e:  # any failure to build or run it: "no tiny model"
         return f"no tiny model: {type(e).__name__}"
     try:
@@ -180,17 +180,21 @@ def _first_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--heads", nargs="+", choices=list(HEADS), default=list(HEADS))
+    p.add_argument("--pairs", nargs="+", metavar="TYPE/HEAD", help="re-run only these")
     a = p.parse_args(argv)
+    pairs = [tuple(pair.split("/", 1)) for pair in a.pairs or []]
+    if any(len(pair) != 2 or pair[1] not in HEADS for pair in pairs):
+        p.error(f"--pairs takes model_type/head with a head of {', '.join(HEADS)}")
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     out = ROOT / "docs" / "units" / "coverage.json"
     # Heads not run this time keep their earlier results.
     results: dict[str, str] = json.loads(out.read_text()) if out.is_file() else {}
-    for head in a.heads:
-        for model_type in HEADS[head]:
-            results[f"{model_type}/{head}"] = check(model_type, head)
-            print(model_type, head, results[f"{model_type}/{head}"], flush=True)
+    todo = pairs or [(model_type, head) for head in a.heads for model_type in HEADS[head]]
+    for model_type, head in todo:
+        results[f"{model_type}/{head}"] = check(model_type, head)
+        print(model_type, head, results[f"{model_type}/{head}"], flush=True)
     results = {k: results[k] for h in HEADS for k in sorted(results) if k.endswith(f"/{h}")}
     out.write_text(json.dumps(results, indent=1) + "\n")
     for head in HEADS:
