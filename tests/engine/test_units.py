@@ -11,7 +11,15 @@ from hiftune import HiFTConfig, HiFTOptimizer, split_units
 from hiftune.engine import trace
 from hiftune.engine.subunits import row_shards
 from hiftune.engine.units import Unit, balanced_bounds, find_blocks, group_units, unit_numel
-from tinymodels import SharedBiasLM, TinyLM, tiny_auto_model, tiny_hf_config, train_steps
+from tinymodels import (
+    Block,
+    SharedBiasLM,
+    TinyLM,
+    lm_loss,
+    tiny_auto_model,
+    tiny_hf_config,
+    train_steps,
+)
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neo", "opt", "bert", "roberta"]
 
@@ -471,3 +479,37 @@ def test_albert_shared_layer_is_one_unit():
     }
     # The projection into the layers' width runs before them: with the embedding.
     assert "albert.encoder.embedding_hidden_mapping_in.weight" in units[0].params
+
+
+class _UnusedTableLM(nn.Module):
+    """A big table the forward never uses (a vision path of a text-only run), beside the blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.unused = nn.Linear(16, 256)  # 4,352 parameters, far over a block's 1,616
+        self.blocks = nn.ModuleList(Block(16) for _ in range(2))
+        self.lm_head = nn.Linear(16, 32)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(x)
+
+
+def test_unused_parameters_ride_with_a_used_piece():
+    # Split alone into shards, the unused table would make groups whose step has no gradient
+    # path to the loss at all: backward() would raise.
+    model = _UnusedTableLM()
+    units = split_units(model, HiFTConfig())
+    holders = [u for u in units if "unused.weight" in u.params]
+    assert len(holders) == 1 and "unused.weight" not in holders[0].rows  # whole, once
+    assert "embed.weight" in holders[0].params or "lm_head.weight" in holders[0].params
+    opt = HiFTOptimizer(model, torch.optim.SGD, HiFTConfig(units_per_group=1), lr=0.1)
+    ids = torch.randint(0, 32, (2, 8))
+    for _ in range(opt.num_groups):  # every step has something to train
+        lm_loss(model, ids).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.close()

@@ -97,17 +97,26 @@ def split_unit(
     """
     named = dict(model.named_parameters())
     shapes = {n: tuple(named[n].shape) for n in params}
-    if sum(_numel(shapes[n]) for n in params) <= budget:
+    # What the traced pass did not use is never a piece of its own: a group holding only such
+    # parameters would leave the loss without a gradient (backward() would raise). It rides,
+    # whole, with the last piece.
+    used = [n for n in params if n in first_use] if first_use else list(params)
+    unused = tuple(n for n in params if n not in set(used))
+    if not used or sum(_numel(shapes[n]) for n in used) <= budget:
         return [SubUnit("", tuple(params), {})]
     if module is not None:
-        names = {id(named[n]): n for n in params}
+        names = {id(named[n]): n for n in used}
         block = model.get_submodule(module)
         pieces = _module_pieces(block, "", names, shapes, budget, first_use, set())
-    elif len(params) == 1:
-        pieces = _param_pieces(params[0], "", shapes[params[0]], budget)
+    elif len(used) == 1:
+        pieces = _param_pieces(used[0], "", shapes[used[0]], budget)
     else:
-        pieces = [p for n in params for p in _param_pieces(n, n, shapes[n], budget)]
-    return [_sub_unit(pack) for pack in _pack(pieces, budget)]
+        pieces = [p for n in used for p in _param_pieces(n, n, shapes[n], budget)]
+    subs = [_sub_unit(pack) for pack in _pack(pieces, budget)]
+    if unused:
+        last = subs[-1]
+        subs[-1] = SubUnit(last.suffix, last.params + unused, last.rows)
+    return subs
 
 
 def _numel(shape: Sequence[int]) -> int:
