@@ -513,3 +513,22 @@ def test_unused_parameters_ride_with_a_used_piece():
         opt.step()
         opt.zero_grad()
     opt.close()
+
+
+def test_a_whole_module_list_of_layers_is_a_stack_whatever_its_class_and_name():
+    # A speech encoder (wav2vec2: encoder.layers, Wav2Vec2EncoderLayer) before a text decoder
+    # (BERT: encoder.layer, BertLayer): two classes, two container names, neither in the other's
+    # _no_split_modules; both are stacks, in the order they run.
+    T = pytest.importorskip("transformers")
+    from tinymodels import tiny_auto_model
+
+    model = tiny_auto_model("speech-encoder-decoder", "speech-seq2seq")
+    assert isinstance(model, T.SpeechEncoderDecoderModel)
+    units = split_units(model, HiFTConfig(max_unit_params=None))
+    blocks = [u.module for u in units if u.module is not None]
+    assert blocks == [
+        "encoder.encoder.layers.0",
+        "encoder.encoder.layers.1",
+        "decoder.bert.encoder.layer.0",
+        "decoder.bert.encoder.layer.1",
+    ]

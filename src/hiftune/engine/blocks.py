@@ -4,7 +4,8 @@
 the longest run of consecutive sibling modules of one class (a ``ModuleList`` of decoder layers, or
 a run inside an ``nn.Sequential``; a layer alone in a ``ModuleList``, such as ALBERT's one shared
 layer, if no model layer has a sibling of its class), plus every other stack of blocks
-(``_no_split_modules`` classes, or the same class): an encoder's and a decoder's, a vision tower's.
+(``_no_split_modules`` classes, the same class or container name, or a whole ``ModuleList`` of
+layers of one class): an encoder's and a decoder's, a vision tower's or a speech encoder's.
 What a walk of the module tree cannot know is data in :data:`ARCHITECTURES`, keyed by
 ``config.model_type``. No weights are read, so it works on the ``meta`` device too.
 """
@@ -122,7 +123,10 @@ def find_block_stacks(model: nn.Module, path: str | None = None) -> list[list[st
             and run.score[0]
             and (run.cls == main_run.cls or _last(run.container) == _last(main_run.container))
         )
-        if len(run.paths) < 2 or not (run.cls in no_split or alike):
+        # Or a whole ModuleList of layers of one class, whatever its name: a vision tower's or
+        # a speech encoder's layers beside a text decoder's of another class.
+        listed = run.score[0] and run.whole_list
+        if len(run.paths) < 2 or not (run.cls in no_split or alike or listed):
             continue
         if any(_overlaps(run, other) for other in chosen):
             continue
@@ -138,6 +142,8 @@ class _Run:
     paths: tuple[str, ...]
     cls: str
     score: tuple[bool, bool, bool, int]  # nested, two or more, in _no_split_modules, length
+    #: The run is the whole of a ``ModuleList`` (every child with parameters).
+    whole_list: bool = False
 
 
 def _candidate_runs(model: nn.Module) -> list[_Run]:
@@ -160,7 +166,10 @@ def _candidate_runs(model: nn.Module) -> list[_Run]:
             # module some models list there) or alone in a ModuleList to a run of two or more
             # layers.
             score = (nested, len(run) >= 2, cls_name in no_split, len(run))
-            found.append(_Run(prefix, paths, cls_name, score))
+            whole = isinstance(module, nn.ModuleList) and len(run) == sum(
+                _has_params(c) for c in module.children()
+            )
+            found.append(_Run(prefix, paths, cls_name, score, whole))
         mixed = _mixed_layers(prefix, module, no_split)
         if mixed is not None:
             found.append(mixed)
