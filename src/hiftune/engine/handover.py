@@ -68,39 +68,39 @@ class Handover:
     ) -> None:
         """Builds one optimizer per group; undoes everything it did if that fails."""
         try:
-            self._build(optimizer_cls, param_groups_fn, optimizer_kwargs)
+            for b, tensors in enumerate(self._tensors):
+                self._build_group(b, tensors, optimizer_cls, param_groups_fn, optimizer_kwargs)
+            if self.mixed:  # frozen weights too, so every matmul sees one dtype
+                precision.cast_to(self._model.parameters(), self._dtype, self._cast)
         except BaseException:
             self._undo()
             raise
 
-    def _build(
+    def _build_group(
         self,
+        b: int,
+        tensors: GroupTensors,
         optimizer_cls: Callable[..., torch.optim.Optimizer],
         param_groups_fn: ParamGroupsFn | None,
         optimizer_kwargs: dict[str, Any],
     ) -> None:
-        for b, tensors in enumerate(self._tensors):
-            # One group at a time: build its fp32 masters, cast the model weights to half
-            # precision, and page the masters out before the next group, so the device never
-            # holds more than one group's masters.
-            params = tensors.params
-            shards = [s.param for s in tensors.shards]
-            masters = (
-                precision.make_masters(params, self._dtype, self._cast, shards)
-                if self.mixed
-                else []
-            )
-            self._building = (b, masters)
-            torch_groups = param_groups(
-                list(zip(tensors.names, params, strict=True)),
-                masters if self.mixed else params,
-                param_groups_fn,
-            )
-            self._states.add(optimizer_cls(torch_groups, **optimizer_kwargs), masters)
-            self._building = None
-            tensors.deactivate()
-        if self.mixed:  # frozen weights too, so every matmul sees one dtype
-            precision.cast_to(self._model.parameters(), self._dtype, self._cast)
+        # One group at a time: build its fp32 masters, cast the model weights to half precision,
+        # and page the masters out before the next group, so the device never holds more than
+        # one group's masters.
+        params = tensors.params
+        shards = [s.param for s in tensors.shards]
+        masters = (
+            precision.make_masters(params, self._dtype, self._cast, shards) if self.mixed else []
+        )
+        self._building = (b, masters)
+        torch_groups = param_groups(
+            list(zip(tensors.names, params, strict=True)),
+            masters if self.mixed else params,
+            param_groups_fn,
+        )
+        self._states.add(optimizer_cls(torch_groups, **optimizer_kwargs), masters)
+        self._building = None
+        tensors.deactivate()
 
     def _undo(self) -> None:
         def masters() -> Iterator[Restore]:
