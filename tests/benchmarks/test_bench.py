@@ -205,6 +205,21 @@ def test_time_to_target_is_the_first_evaluation_at_95_percent_of_full_ft() -> No
     ]
 
 
+def test_accuracy_goal_compares_hiftune_with_full_ft_per_task() -> None:
+    def run(method: str, seed: int, test: float) -> dict:
+        return {"workload": "minilm", "method": method, "lr": 1e-4, "seed": seed, "val_acc": 0.5,
+                "test_acc": test, "train_s": 1.0}  # fmt: skip
+
+    results = [run("fpft-fp32", 0, 0.80), run("fpft-fp32", 1, 0.70)]
+    results += [run("hift-bf16-disk", 0, 0.74), run("hift-bf16-disk", 1, 0.74)]
+    settings = {"methods": ["fpft-fp32", "hift-bf16-disk"], "seeds": [0, 1]}
+    q = {"plan": "full", "workloads": {"minilm": {"settings": settings, "results": results}}}
+    lines = report.accuracy_goal(q)
+    assert lines[-1] == (
+        "- minilm: hiftune bf16 mixed^Hi, disk paging 74.0 vs full FT 75.0: **missed** (-1.0 points)"
+    )
+
+
 def test_scale_rows_follow_their_formulas_on_llama_2_7b() -> None:
     from bench import scale
 
