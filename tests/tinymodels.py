@@ -63,6 +63,20 @@ def train_steps(model: nn.Module, opt, batches, sched=None) -> list[float]:
     return losses
 
 
+def hook_count(model: nn.Module) -> int:
+    """Forward (pre-)hooks on the blocks of a :class:`TinyLM` (backward truncation's)."""
+    return sum(len(b._forward_pre_hooks) + len(b._forward_hooks) for b in model.blocks)
+
+
+def assert_a_cycle_changes_every_parameter(model: nn.Module, opt) -> None:
+    """The optimizer trains every group: a full cycle changes every parameter of a TinyLM."""
+    import copy
+
+    before = copy.deepcopy(model.state_dict())
+    train_steps(model, opt, [torch.randint(0, 32, (2, 8))] * opt.num_groups)
+    assert all(not torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
 def word_tokenizer(n_words: int = 61):
     """A fast word-level tokenizer of ``<pad>``, ``<eos>``, ``<unk>`` and ``w0`` .. ``w{n-1}``."""
     import transformers as T
