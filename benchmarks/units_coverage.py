@@ -26,6 +26,7 @@ import signal
 import sys
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -116,10 +117,9 @@ def expected_blocks(model: nn.Module, head: str, batch: dict[str, torch.Tensor])
     holders = {id(lists[id(m)]) for m in layers}
     # Also lists of two or more called layers (modules with submodules) of classes the model does
     # not name: Speech2Text names its encoder layer only, not its decoder layer.
-    nested_calls: dict[int, int] = {}
-    for m in called.values():
-        if any(True for _ in m.children()):
-            nested_calls[id(lists[id(m)])] = nested_calls.get(id(lists[id(m)]), 0) + 1
+    nested_calls = Counter(
+        id(lists[id(m)]) for m in called.values() if any(True for _ in m.children())
+    )
     holders |= {holder for holder, n in nested_calls.items() if n >= 2}
     blocks = [m for m in called.values() if id(lists[id(m)]) in holders]
     inner = {id(sub) for m in blocks for sub in m.modules() if sub is not m}

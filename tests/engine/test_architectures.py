@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hiftune import HiFTConfig, HiFTOptimizer, split_units
+from hiftune.engine.dummy import input_embeddings
 from hiftune.engine.trace import trace_forward
 from hiftune.engine.units import find_block_stacks, unit_numel
 from tinymodels import MODALITY_HEADS, tiny_auto_model
@@ -209,9 +210,8 @@ def test_modality(kind, n_blocks, split):
 
 def _make_input_require_grad(model: nn.Module) -> None:
     """Makes the token embedding's output require grad, as gradient checkpointing does."""
-    try:
-        embedding = model.get_input_embeddings()
-    except (NotImplementedError, AttributeError):
+    embedding = input_embeddings(model)
+    if embedding is None:
         return  # no token embedding (an audio model)
 
     # (Not requires_grad_() on the output: a model scaling it in place would meet a leaf.)

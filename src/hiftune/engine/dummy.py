@@ -117,17 +117,23 @@ def _token_ids(model: nn.Module, config: Any, device: torch.device) -> torch.Ten
     return (torch.arange(1, length + 1) % vocab).unsqueeze(0).to(device)
 
 
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's token embedding, if it names one (``get_input_embeddings``), else ``None``."""
+    get_inputs = getattr(model, "get_input_embeddings", None)
+    if not callable(get_inputs):
+        return None
+    try:
+        embedding = get_inputs()
+    except (NotImplementedError, AttributeError):  # a model without token inputs (audio)
+        return None
+    return embedding if isinstance(embedding, nn.Module) else None
+
+
 def _vocab_size(model: nn.Module) -> int | None:
     size = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(size, int) and size > 1:
         return size
-    get_inputs = getattr(model, "get_input_embeddings", None)
-    embedding: Any = None
-    if callable(get_inputs):
-        try:
-            embedding = get_inputs()
-        except (NotImplementedError, AttributeError):
-            embedding = None
+    embedding = input_embeddings(model)
     if not isinstance(embedding, nn.Embedding):
         embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     return embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None

@@ -37,6 +37,7 @@ from torch import nn
 # re-exported here, where callers have always found them.
 from .blocks import ARCHITECTURES, ArchitectureHints, find_block_stacks, find_blocks, model_type
 from .config import HiFTConfig
+from .dummy import input_embeddings
 
 # Units -> groups lives in .groups; its names are re-exported here, where callers have always
 # found them next to split_units.
@@ -179,15 +180,8 @@ def _apply_budget(
 
 
 def _input_embedding_ids(model: nn.Module) -> set[int]:
-    get_inputs = getattr(model, "get_input_embeddings", None)
-    if callable(get_inputs):
-        try:
-            emb = get_inputs()
-        except (NotImplementedError, AttributeError):
-            emb = None
-        if isinstance(emb, nn.Module):
-            return {id(p) for p in emb.parameters()}
-    return set()
+    embedding = input_embeddings(model)
+    return set() if embedding is None else {id(p) for p in embedding.parameters()}
 
 
 def _split_by_walk(

@@ -8,6 +8,7 @@ its labels follow the head (:data:`.configs.HEADS`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -114,3 +115,29 @@ def _image_tokens(model: nn.Module, batch: dict[str, Any]) -> tuple[int, int] | 
     if not isinstance(features, list | tuple) or not all(torch.is_tensor(f) for f in features):
         return None
     return token, sum(f.shape[:-1].numel() for f in features)
+
+
+def first_that_runs(
+    model: nn.Module,
+    batches: Iterable[dict[str, Any]],
+    before_each: Callable[[], None] | None = None,
+) -> Any:
+    """The output of ``model`` on the first of ``batches`` it runs on (see :func:`dummy_batches`).
+
+    Args:
+        model: The model.
+        batches: Keyword batches, in the order to try them.
+        before_each: Called before each try (e.g. to forget what a failed try recorded).
+
+    Raises:
+        Exception: The first batch's error, if no batch runs.
+    """
+    error: Exception | None = None
+    for batch in batches:
+        if before_each is not None:
+            before_each()
+        try:
+            return model(**batch)
+        except Exception as e:  # the next batch may take less (no labels)
+            error = error or e
+    raise error or ValueError("no dummy batch to run")

@@ -57,7 +57,7 @@ from ..engine.rowgrad import row_gradient_names
 from ..engine.trace import MetaAnswers
 from ..engine.units import Unit, group_name, group_units, split_units, unit_numel
 from ..errors import UserError, first_line
-from .batches import dummy_batches
+from .batches import dummy_batches, first_that_runs
 from .configs import build_model, head_of, resolve_config
 from .render import markdown_table
 from .state_sizer import StateSizer
@@ -426,17 +426,11 @@ def _saved_bytes(
             saved[storage._cdata] = storage.nbytes()
         return t
 
-    error: Exception | None = None
-    for batch in dummy_batches(model, head, batch_size, seq_len):
-        saved.clear()
-        try:
-            with MetaAnswers(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                model(**batch)
-        except Exception as e:  # no loss on meta (e.g. CTC): the batch without labels
-            error = error or e
-            continue
-        break
-    else:  # a model that cannot run on meta: say so instead of guessing
+    batches = dummy_batches(model, head, batch_size, seq_len)
+    try:  # no loss on meta (e.g. CTC): the batch without labels; a failed try's tensors forgotten
+        with MetaAnswers(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            first_that_runs(model, batches, before_each=saved.clear)
+    except Exception as error:  # a model that cannot run on meta: say so instead of guessing
         raise UserError(
             f"cannot estimate activations of {type(model).__name__} on the meta device: "
             f"{type(error).__name__}: {error} (leave out batch_size/seq_len for the other figures)"

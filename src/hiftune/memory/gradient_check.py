@@ -20,7 +20,7 @@ from torch import nn
 from ..engine.trace import MetaAnswers
 from ..engine.truncation import BackwardTruncation
 from ..engine.units import Unit, group_name
-from .batches import dummy_batches
+from .batches import dummy_batches, first_that_runs
 
 #: A model that cannot run on ``meta`` is rebuilt for the check up to this many parameters.
 REAL_CHECK_PARAMS = 50_000_000
@@ -67,16 +67,7 @@ def dummy_loss(model: nn.Module, head: str) -> torch.Tensor:
     Raises:
         Exception: What the model raises on the batch with labels, if no batch runs.
     """
-    error: Exception | None = None
-    for batch in dummy_batches(model, head):
-        try:
-            out = model(**batch)
-        except Exception as e:
-            error = error or e
-            continue
-        break
-    else:
-        raise error or ValueError("no dummy batch")
+    out = first_that_runs(model, dummy_batches(model, head))
     loss = getattr(out, "loss", None)
     if loss is None:  # no loss of its own: any scalar that depends on every output will do
         first = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
