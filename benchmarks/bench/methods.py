@@ -90,6 +90,20 @@ METHODS: tuple[Method, ...] = (
         cyclic=True,
     ),
     Method(
+        "hift-bf16-disk-m4",
+        "hift",
+        "hiftune bf16 mixed^Hi, disk paging, 4 units per group",
+        "hiftune",
+        dtype="bf16",
+        options={"offload": "disk", "precision": "bf16", "units_per_group": 4},
+        adam_quality=None,
+        cyclic=True,
+        note=(
+            "hiftune's rows train one unit per group (its smallest peak), except the one with 4 "
+            "units per group: the split of the quality runs below (`hiftune train`'s default)."
+        ),
+    ),
+    Method(
         "lora-r8",
         "lora",
         "LoRA r8, all linear (bf16 base)",

@@ -67,9 +67,7 @@ def run_one(
     log = log_dir / f"{method}-b{batch_size}.log"
     out.unlink(missing_ok=True)
     cmd = worker_command(method, batch_size, out, **kw)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH_DIR.parent), _pythonpath()]))
-    # One thread per worker also for OpenMP/MKL pools torch does not own.
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = worker_env()
     start = time.perf_counter()
     load = machine_load()
     try:
@@ -92,8 +90,15 @@ def run_one(
     return result
 
 
-def _pythonpath() -> str:
-    return os.environ.get("PYTHONPATH", "")
+def worker_env() -> dict[str, str]:
+    """The environment of a worker process: ``bench`` importable in front of the caller's
+    ``PYTHONPATH`` (which may point at the ``hiftune`` to measure), one thread per worker."""
+    path = [str(BENCH_DIR.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    # One thread also for the OpenMP/MKL pools torch does not own.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
 
 
 def run_matrix(plan: list[tuple[str, int]], log_dir: Path, **kw: Any) -> dict[str, Any]:

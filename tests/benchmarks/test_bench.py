@@ -80,6 +80,16 @@ def test_plan_puts_the_baseline_first_at_every_batch_size() -> None:
     assert plan == [("fpft-fp32", 1), ("lora-r8", 1), ("fpft-fp32", 4), ("lomo", 4)]
 
 
+def test_worker_env_keeps_the_callers_pythonpath_behind_bench(monkeypatch) -> None:
+    # A caller measuring another checkout puts its src first; the workers must import that one.
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere/src")
+    env = runner.worker_env()
+    assert env["PYTHONPATH"].split(":") == [str(runner.BENCH_DIR.parent), "/elsewhere/src"]
+    assert env["OMP_NUM_THREADS"] == "1"
+    monkeypatch.delenv("PYTHONPATH")
+    assert runner.worker_env()["PYTHONPATH"] == str(runner.BENCH_DIR.parent)
+
+
 def test_unknown_method_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="fpft-fp32"):
         methods.get("sgd-magic")
