@@ -150,6 +150,21 @@ def test_report_renders_tables_ratios_failures_and_the_goal(tmp_path: Path) -> N
     assert "LoRA r8, all linear (bf16 base) 150 MiB: **missed** (+50 MiB)" in headline
 
 
+def test_goal_is_checked_again_at_the_split_the_quality_runs_train_with() -> None:
+    # The smallest split meets the goal; the 4-units-per-group row, measured alongside, does not.
+    results = [
+        _result("hift-bf16-disk", 200.0, 1.0),
+        _result("hift-bf16-disk-m4", 260.0, 1.0),
+        _result("badam", 250.0, 1.0),
+    ]
+    (line,) = report.goal(results, 1)
+    assert line.endswith("BAdam, defaults (no embedding/head) 250 MiB: met (-50 MiB)")
+    (line,) = report.goal(results, 1, ("hift-bf16-disk-m4",))
+    assert line.startswith("- batch 1: hiftune bf16 mixed^Hi, disk paging, 4 units per group 260")
+    assert line.endswith("**missed** (+10 MiB)")
+    assert report.goal(results[:1], 1, ("hift-bf16-disk-m4",))[0].endswith("was not measured.")
+
+
 def test_spread_reports_median_min_max_and_the_goal_on_medians() -> None:
     # hiftune's single worst run is above BAdam's, its median below: both are what was measured.
     results = [_result("hift-bf16-disk", p, 1.0) for p in (900.0, 860.0, 870.0)] + [
