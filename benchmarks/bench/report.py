@@ -311,6 +311,21 @@ def render(out_dir: Path, doc: Path, commands: Mapping[str, str]) -> str:
     return headline
 
 
+#: A load average above this means something besides the benchmark's one thread was running.
+_BUSY_LOAD = 1.5
+
+
+def _contention(speed: Mapping[str, Any]) -> str:
+    """What the load averages say about the step times."""
+    loads = [*speed["started"]["loadavg"], *speed["finished"]["loadavg"]]
+    if max(loads) > _BUSY_LOAD:
+        return (
+            "the 2 cores were shared with other jobs, so the step times are noisy: the CPU-time "
+            "ratio is the steadier one"
+        )
+    return "nothing but the benchmark's own thread was running, as far as the load average shows"
+
+
 def _speed_section(speed: Mapping[str, Any], batches: list[int], out: Path, rel: Path) -> list[str]:
     s = speed["settings"]
     lines = [
@@ -319,8 +334,7 @@ def _speed_section(speed: Mapping[str, Any], batches: list[int], out: Path, rel:
         "",
         f"Measured {speed['started']['time']} to {speed['finished']['time']} (load average "
         f"{speed['started']['loadavg']} at the start, {speed['finished']['loadavg']} at the end; "
-        "the 2 cores were shared with other jobs, so the step times are noisy: the CPU-time "
-        "ratio is the steadier one).",
+        f"{_contention(speed)}).",
         "",
         "**How**: every configuration runs in a fresh Python process (`bench.worker`), one after "
         "the other, with one torch thread (`torch.set_num_threads(1)`, `OMP_NUM_THREADS=1`). "

@@ -145,6 +145,7 @@ def test_report_renders_tables_ratios_failures_and_the_goal(tmp_path: Path) -> N
     assert "GaLore AdamW r128 300 MiB: met" in text
     assert "LoRA r8, all linear (bf16 base) 150 MiB: **missed** (+50 MiB)" in text
     assert "`make bench-quick`" in text and "| torch | 9.9 |" in text
+    assert "nothing but the benchmark's own thread was running" in text  # load average 0
     assert (out / "memory_b1.png").stat().st_size > 0
     assert headline.startswith("| method | peak MiB |")
     assert "LoRA r8, all linear (bf16 base) 150 MiB: **missed** (+50 MiB)" in headline
