@@ -41,6 +41,10 @@ class Method:
     note: str = ""
 
 
+#: Units per group of hiftune's quality runs (``hiftune train``'s default; docs/quality.md),
+#: and of the memory row measured at that split.
+QUALITY_UNITS_PER_GROUP = 4
+
 METHODS: tuple[Method, ...] = (
     Method("fpft-fp32", "full", "full FT, AdamW fp32", "torch", adam_quality=None),
     Method(
@@ -95,7 +99,11 @@ METHODS: tuple[Method, ...] = (
         "hiftune bf16 mixed^Hi, disk paging, 4 units per group",
         "hiftune",
         dtype="bf16",
-        options={"offload": "disk", "precision": "bf16", "units_per_group": 4},
+        options={
+            "offload": "disk",
+            "precision": "bf16",
+            "units_per_group": QUALITY_UNITS_PER_GROUP,
+        },
         adam_quality=None,
         cyclic=True,
         note=(

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import subprocess
 import sys
 import time
 import traceback
@@ -54,8 +55,6 @@ QUALITY_METHODS = (
     "apollo",
     "adamw-8bit",
 )
-#: hiftune's quality runs use ``hiftune train``'s default of 4 units per group (docs/quality.md).
-HIFT_UNITS_PER_GROUP = 4
 
 
 @dataclass
@@ -180,7 +179,7 @@ def run(method: methods.Method, workload: str, lr: float, seed: int, s: Settings
     total = steps_per_epoch * s.epochs
     options = dict(method.options)
     if method.family == "hift":
-        options["units_per_group"] = HIFT_UNITS_PER_GROUP
+        options["units_per_group"] = methods.QUALITY_UNITS_PER_GROUP
     if method.family == "lora" and spec["task"] == "seq-cls":
         options["task_type"] = "SEQ_CLS"
     if method.family == "badam":
@@ -243,8 +242,6 @@ def _launch(method: str, workload: str, lr: float, seed: int, s: Settings, logs:
     cmd += ["--out", str(out)]
     env = runner.worker_env()
     t = time.perf_counter()
-    import subprocess
-
     with open(log, "w") as f:
         subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
     if out.is_file():
@@ -282,7 +279,7 @@ def run_all(plan: dict[str, Settings], logs: Path, name: str = "full") -> dict[s
         "started": started,
         "finished": runner.machine_load(),
         "plan": name,
-        "hift_units_per_group": HIFT_UNITS_PER_GROUP,
+        "hift_units_per_group": methods.QUALITY_UNITS_PER_GROUP,
         "workloads": out,
     }
 

@@ -385,8 +385,12 @@ def _as_trained_goal(speed: Mapping[str, Any], batches: list[int]) -> list[str]:
     """The goal again for hiftune at the quality runs' split, where it was measured."""
     if not any(r["method"] in _OURS_AS_TRAINED for r in speed["results"]):
         return []
-    lines = ["", "The same at the split the quality runs train with (4 units per group, one run):"]
-    lines += [""]
+    lines = [
+        "",
+        "The same at the split the quality runs train with "
+        f"({methods.QUALITY_UNITS_PER_GROUP} units per group, one run):",
+        "",
+    ]
     for b in batches:
         lines += goal(speed["results"], b, _OURS_AS_TRAINED)
     return lines
