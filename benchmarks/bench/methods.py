@@ -96,7 +96,7 @@ METHODS: tuple[Method, ...] = (
     Method(
         "hift-bf16-disk-m4",
         "hift",
-        "hiftune bf16 mixed^Hi, disk paging, 4 units per group",
+        f"hiftune bf16 mixed^Hi, disk paging, {QUALITY_UNITS_PER_GROUP} units per group",
         "hiftune",
         dtype="bf16",
         options={
@@ -107,8 +107,9 @@ METHODS: tuple[Method, ...] = (
         adam_quality=None,
         cyclic=True,
         note=(
-            "hiftune's rows train one unit per group (its smallest peak), except the one with 4 "
-            "units per group: the split of the quality runs below (`hiftune train`'s default)."
+            "hiftune's rows train one unit per group (its smallest peak), except the one with "
+            f"{QUALITY_UNITS_PER_GROUP} units per group: the split of the quality runs below "
+            "(`hiftune train`'s default)."
         ),
     ),
     Method(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,10 @@ _OURS_AS_TRAINED = ("hift-bf16-disk-m4",)
 
 
 def goal(
-    speed: Sequence[Mapping[str, Any]], batch: int, ours_names: Sequence[str] = _OURS
+    speed: Sequence[Mapping[str, Any]],
+    batch: int,
+    ours_names: Sequence[str] = _OURS,
+    skip: Collection[str] = (),
 ) -> list[str]:
     """The issue's goal, checked against the measured peaks of one batch size.
 
@@ -85,6 +88,7 @@ def goal(
         speed: Measured configurations (``method``, ``batch_size``, ``peak_mib``).
         batch: The batch size to check.
         ours_names: hiftune's candidate rows; the one with the lowest peak is compared.
+        skip: Methods not to compare with (checked elsewhere).
     """
     rs = {r["method"]: r for r in speed if r["batch_size"] == batch and "error" not in r}
     ours = [rs[n] for n in ours_names if n in rs]
@@ -94,7 +98,7 @@ def goal(
     lines = []
     for m in methods.METHODS:
         r = rs.get(m.name)
-        if r is None or m.adam_quality is None:
+        if r is None or m.adam_quality is None or m.name in skip:
             continue
         strict = m.adam_quality  # below Adam-quality methods; at or below LoRA r8 and LOMO
         if not strict and m.name not in ("lora-r8", "lomo"):
@@ -434,14 +438,8 @@ def _headline_goal(
             runs = f" (medians of {spread['repeats']} runs)"
             lines += [line + runs for line in spread_goal(spread["results"], b)]
             # The methods bench spread did not repeat: their one run.
-            repeated_labels = {
-                _label(r["method"]) for r in spread["results"] if r["method"] not in _OURS
-            }
-            lines += [
-                f"{line} (one run)"
-                for line in goal(speed["results"], b)
-                if not any(f" {label} " in line for label in repeated_labels)
-            ]
+            repeated = {r["method"] for r in spread["results"]}
+            lines += [f"{line} (one run)" for line in goal(speed["results"], b, skip=repeated)]
         else:
             lines += goal(speed["results"], b)
     return [*lines, *_as_trained_goal(speed, batches)]
