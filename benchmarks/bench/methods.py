@@ -163,7 +163,70 @@ METHODS: tuple[Method, ...] = (
     Method("adamw-8bit", "bnb", "8-bit AdamW (bitsandbytes)", "bitsandbytes", dtype="bf16"),
 )
 
-BY_NAME = {m.name: m for m in METHODS}
+#: The rows of the quality plan (``bench.quality_plan``). hiftune's train at ``hiftune train``'s
+#: precision and paging (fp32, host; read from ``TrainRecipeConfig``), so that they differ only
+#: in the schedule options; ``bench.quality_plan.resolve_options`` turns the symbolic options
+#: (``head``, ``units_per_group="fewer"``, ``defaults``) into the adapter's keyword arguments
+#: for each task and budget.
+QUALITY: tuple[Method, ...] = (
+    Method("fpft", "full", "full FT, AdamW fp32", "torch", adam_quality=None),
+    Method(
+        "badam-rec",
+        "badam",
+        "BAdam, authors' settings (K=50, new head active)",
+        "badam",
+        dtype="bf16",
+        options={"switch_block_every": 50},
+        cyclic=True,
+    ),
+    Method(
+        "hift-a",
+        "hift",
+        "hiftune (a) paper: m=4, K=1",
+        "hiftune",
+        options={"units_per_group": 4},
+        adam_quality=None,
+    ),
+    Method(
+        "hift-b",
+        "hift",
+        "hiftune (b) new head always active, lr x3",
+        "hiftune",
+        options={"units_per_group": 4, "head": True, "always_active_lr_scale": 3.0},
+        adam_quality=None,
+    ),
+    Method(
+        "hift-c",
+        "hift",
+        "hiftune (c) = (b), fewer groups (>= 8 updates each)",
+        "hiftune",
+        options={"units_per_group": "fewer", "head": True, "always_active_lr_scale": 3.0},
+        adam_quality=None,
+    ),
+    Method(
+        "hift-d",
+        "hift",
+        "hiftune (d) = (c), K=4 steps per group",
+        "hiftune",
+        options={
+            "units_per_group": "fewer",
+            "head": True,
+            "always_active_lr_scale": 3.0,
+            "steps_per_group": 4,
+        },
+        adam_quality=None,
+    ),
+    Method(
+        "hift-defaults",
+        "hift",
+        "hiftune defaults (hiftune train)",
+        "hiftune",
+        options={"defaults": True},
+        adam_quality=None,
+    ),
+)
+
+BY_NAME = {m.name: m for m in (*METHODS, *QUALITY)}
 
 #: The configurations of ``make bench-quick`` at batch 4 (all of them run at batch 1).
 QUICK_B4 = ("fpft-fp32", "fpft-bf16", "hift-bf16-disk", "lora-r8", "badam", "lomo", "adamw-8bit")

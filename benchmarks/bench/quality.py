@@ -1,15 +1,14 @@
-"""Quality and time to quality on the bundled sentiment task, the same loop for every method.
+"""Quality and time to quality: one worker run (or several in one process), the same loop for
+every method.
 
-Two workloads (``hiftune.recipes``: the bundled models and the fixed splits of the bundled
-sentiment data): SmolLM2-135M-Instruct as a prompt classifier (``"{text} It was"`` scored at
-``terrible``/``great``, the loss is the cross-entropy over those two words' logits) and MiniLM-L6
-with a new sequence-classification head. Every method gets the same training subset, batches,
-epochs, linear LR decay and learning-rate grid. A run evaluates on the validation subset at a few
-points during training (accuracy vs training wall time, evaluation excluded) and on the test
-subset at the end. The learning rate of each method is chosen by final validation accuracy at
-seed 0; the other seeds then run at that rate.
+The tasks are :mod:`bench.qtasks`'s, the plan (budgets, rates, seeds) :mod:`bench.quality_plan`'s.
+Every method of a budget gets the same training subset, batches, epochs and linear LR decay. A
+run evaluates on the validation subset at a few points during training (accuracy vs training
+wall time, evaluation excluded) and on the test subset at the end, and counts the weight
+elements each step updates ("updates per weight").
 
-    python -m bench.quality --method lora-r8 --task smollm2 --lr 1e-4 --seed 0 --out run.json
+    python -m bench.quality --method hift-b --task minilm --jobs '[[1e-4, 0]]' \
+        --options '{"units_per_group": 4}' --out runs.json
 """
 
 from __future__ import annotations
@@ -23,105 +22,34 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import adapters, methods, runner
+from . import adapters, methods, quality_plan, runner
+from .qtasks import TASKS, Task
+from .quality_plan import Settings
 from .workload import DTYPES
 
 logger = logging.getLogger(__name__)
-
-#: Workload name -> the bundled model preset and task (``hiftune train --model/--task``).
-TASKS = {
-    "smollm2": {"model": "smollm2-135m", "task": "prompt-cls"},
-    "minilm": {"model": "minilm-l6", "task": "seq-cls"},
-}
-#: Methods of the quality runs (and per-workload options that differ from the speed runs).
-QUALITY_METHODS = (
-    "fpft-fp32",
-    "hift-fp32-host",
-    "hift-bf16-disk",
-    "lora-r8",
-    "lora-r64",
-    "badam",
-    "badam-all",
-    "lomo",
-    "galore",
-    "adam-mini",
-    "apollo",
-    "adamw-8bit",
-)
-
-
-@dataclass
-class Settings:
-    """The budget of one workload, the same for every method."""
-
-    train_samples: int = 400
-    val_samples: int = 200
-    test_samples: int = 500
-    epochs: int = 1
-    batch_size: int = 8
-    max_length: int = 128
-    evals: int = 3
-    grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
-    seeds: tuple[int, ...] = (0, 1)
-    methods: tuple[str, ...] = field(default=QUALITY_METHODS)
-
-
-#: ``make bench``: per workload its budget. SmolLM2 steps cost ~3-4 s on one thread, so its runs
-#: are fewer and shorter (about 2 minutes each) to keep the whole benchmark within 90 minutes.
-FULL = {
-    "minilm": Settings(methods=tuple(m for m in QUALITY_METHODS if m != "badam")),
-    "smollm2": Settings(
-        train_samples=160,
-        val_samples=64,
-        test_samples=200,
-        evals=2,
-        # Every method's best rate fell in [1e-4, 1e-3] in the first full run (none at 1e-5),
-        # so the grid is finer there.
-        grid=(1e-4, 3e-4, 1e-3),
-        methods=("fpft-fp32", "hift-bf16-disk", "lora-r8", "badam", "lomo", "galore"),
-    ),
-}
-#: A reduced setting that only shows the machinery works (minutes, not an hour).
-REDUCED = {
-    "minilm": Settings(
-        train_samples=96,
-        val_samples=64,
-        test_samples=128,
-        evals=2,
-        grid=(1e-4,),
-        seeds=(0,),
-        methods=("fpft-fp32", "hift-bf16-disk", "lora-r8", "badam-all", "lomo", "adamw-8bit"),
-    ),
-    "smollm2": Settings(
-        train_samples=48,
-        val_samples=32,
-        test_samples=64,
-        evals=2,
-        grid=(1e-4,),
-        seeds=(0,),
-        methods=("fpft-fp32", "hift-bf16-disk", "lora-r8", "lomo"),
-    ),
-}
 
 
 # --- one run (in the worker process) -----------------------------------------------------------
 
 
-def _data(task: str, tokenizer: Any, s: Settings) -> tuple[list[Any], list[Any], list[Any], Any]:
+def _data(task: Task, tokenizer: Any, s: Settings) -> tuple[list[Any], list[Any], list[Any], Any]:
     from hiftune.recipes import data
 
-    splits = data.sentiment_splits()
-    train = data.subsample(splits["train"], s.train_samples, seed=0)
-    val = splits["validation"][: s.val_samples]
-    test = splits["test"][: s.test_samples]
-    if task == "prompt-cls":
+    from .qtasks import splits
+
+    parts = splits(task)
+    train = data.subsample(parts["train"], s.train_samples, seed=0)
+    val = parts["validation"][: s.val_samples]
+    test = parts["test"][: s.test_samples]
+    if task.kind == "prompt-cls":
         fmt = data.PromptFormat()
         enc = [data.encode_prompt_cls(r, tokenizer, fmt, s.max_length) for r in (train, val, test)]
         collate = data.PadCollator(tokenizer.pad_token_id, side="left", position_ids=True)
@@ -151,61 +79,67 @@ def _accuracy(model: nn.Module, rows: list[Any], collate: Any, label_ids: Any, b
     return right / max(1, len(rows))
 
 
-def _badam_blocks(model: nn.Module) -> list[list[str]]:
+def _badam_blocks(model: nn.Module, active: tuple[str, ...]) -> list[list[str]]:
     # MiniLM (BERT) names its blocks encoder.layer.N, which BAdam's name inference (``layers.N``)
     # does not see, so the blocks are given, as BAdam documents: embeddings, each layer, and the
-    # rest (pooler and the new classification head).
+    # rest (the pooler) without the always-active modules (the new head).
     names = [n for n, _ in model.named_parameters()]
     layers = sorted({".".join(n.split(".")[:4]) + "." for n in names if ".layer." in n})
-    rest = [n for n in names if ".layer." not in n and "embeddings" not in n]
-    return [["embeddings."], *[[p] for p in layers], rest]
+    rest = [
+        n
+        for n in names
+        if ".layer." not in n and "embeddings" not in n and not any(a in n for a in active)
+    ]
+    return [["embeddings."], *[[p] for p in layers], *([rest] if rest else [])]
 
 
-def run(method: methods.Method, workload: str, lr: float, seed: int, s: Settings) -> dict[str, Any]:
-    """Trains ``method`` on ``workload`` and returns the accuracy curve and final accuracies."""
+def run(
+    method: methods.Method,
+    task_name: str,
+    lr: float,
+    seed: int,
+    s: Settings,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """Trains ``method`` (with the adapter's ``options``) on a task; returns the accuracy curve,
+    final accuracies and updates per weight."""
     from hiftune.recipes.models import load_model_and_tokenizer, resolve_model
 
     torch.set_num_threads(1)
     random.seed(seed)
     torch.manual_seed(seed)
-    spec = TASKS[workload]
-    model, tokenizer = load_model_and_tokenizer(resolve_model(spec["model"]), spec["task"])
+    task = TASKS[task_name]
+    model, tokenizer = load_model_and_tokenizer(
+        resolve_model(task.model), task.kind, task.num_labels
+    )
     if method.family != "hift":
-        # HiFT's mixed^Hi takes the fp32 checkpoint and keeps fp32 masters of it; every other
-        # bf16 method starts from a bf16 model, as with a bf16 checkpoint.
+        # A bf16 method (BAdam) starts from a bf16 model, as with a bf16 checkpoint.
         model = model.to(DTYPES[method.dtype])
-    train, val, test, (collate, label_ids) = _data(spec["task"], tokenizer, s)
-    steps_per_epoch = -(-len(train) // s.batch_size)
-    total = steps_per_epoch * s.epochs
-    options = dict(method.options)
-    if method.family == "hift":
-        options["units_per_group"] = methods.QUALITY_UNITS_PER_GROUP
-    if method.family == "lora" and spec["task"] == "seq-cls":
-        options["task_type"] = "SEQ_CLS"
-    if method.family == "badam":
-        # BAdam's own inference: one block per decoder layer, plus embedding and head if asked.
-        n_blocks = model.config.num_hidden_layers + 2 * ("include_embedding" in options)
-        if spec["task"] == "seq-cls":
-            options = {"block_prefix_list": _badam_blocks(model)}
-            n_blocks = len(options["block_prefix_list"])
-        # One pass over the blocks within the budget (BAdam's default of 50 steps per block
-        # would visit only total/50 of them).
-        options["switch_block_every"] = max(1, total // n_blocks)
+    train, val, test, (collate, label_ids) = _data(task, tokenizer, s)
+    total = -(-len(train) // s.batch_size) * s.epochs
+    options = dict(options)
+    if method.family == "badam" and task.kind == "seq-cls":
+        options["block_prefix_list"] = _badam_blocks(
+            model, tuple(options.get("active_modules", ()))
+        )
+    weights = sum(p.numel() for p in model.parameters())
 
     def loss_fn(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return nn.functional.cross_entropy(_logits(m, batch, label_ids), batch["labels"])
 
     trainer = adapters.load(method.family).build(model, loss_fn, lr, total, **options)
     net = trainer.model
-    eval_at = {round(total * (i + 1) / s.evals) for i in range(s.evals)}
+    evals = s.seed_evals if s.seed_evals and seed != s.seeds[0] else s.evals
+    eval_at = {round(total * (i + 1) / evals) for i in range(evals)}
     curve: list[dict[str, Any]] = []
     rng = random.Random(seed)
-    train_s, step, losses = 0.0, 0, []
+    train_s, step, losses, updated = 0.0, 0, [], 0
     for _ in range(s.epochs):
         order = list(range(len(train)))
         rng.shuffle(order)
         for i in range(0, len(order), s.batch_size):
             batch = collate([train[j] for j in order[i : i + s.batch_size]])
+            updated += trainer.updated_numel()  # before the step: what it will update
             t = time.perf_counter()
             losses.append(trainer.step(batch))
             train_s += time.perf_counter() - t
@@ -217,7 +151,7 @@ def run(method: methods.Method, workload: str, lr: float, seed: int, s: Settings
     trainer.close()
     return {
         "method": method.name,
-        "workload": workload,
+        "task": task_name,
         "lr": lr,
         "seed": seed,
         "steps": step,
@@ -225,6 +159,7 @@ def run(method: methods.Method, workload: str, lr: float, seed: int, s: Settings
         "curve": curve,
         "val_acc": curve[-1]["val_acc"],
         "test_acc": test_acc,
+        "updates_per_weight": updated / weights,
         "losses": losses,
     }
 
@@ -232,55 +167,86 @@ def run(method: methods.Method, workload: str, lr: float, seed: int, s: Settings
 # --- the runner (parent process) ---------------------------------------------------------------
 
 
-def _launch(method: str, workload: str, lr: float, seed: int, s: Settings, logs: Path) -> dict:
+def launch(
+    method: str,
+    task: str,
+    budget: str,
+    s: Settings,
+    options: dict[str, Any],
+    jobs: list[tuple[float, int]],
+    logs: Path,
+) -> list[dict[str, Any]]:
+    """Runs ``jobs`` (``(lr, seed)`` pairs) of one method, one after the other, in one fresh
+    worker process (one torch thread); a failed job becomes ``{"error": reason}``."""
     logs.mkdir(parents=True, exist_ok=True)
-    stem = f"{workload}-{method}-lr{lr:g}-s{seed}"
+    stem = f"{task}-{budget}-{method}-" + "_".join(f"lr{lr:g}s{seed}" for lr, seed in jobs)
     out, log = logs / f"{stem}.json", logs / f"{stem}.log"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "bench.quality", "--method", method, "--task", workload]
-    cmd += ["--lr", repr(lr), "--seed", str(seed), "--settings", json.dumps(asdict(s))]
-    cmd += ["--out", str(out)]
-    env = runner.worker_env()
-    t = time.perf_counter()
+    cmd = [sys.executable, "-m", "bench.quality", "--method", method, "--task", task]
+    cmd += ["--jobs", json.dumps(jobs), "--settings", json.dumps(asdict(s))]
+    cmd += ["--options", json.dumps(options), "--out", str(out)]
     with open(log, "w") as f:
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
-    if out.is_file():
-        r = json.loads(out.read_text())
-    else:
-        tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
-        r = {"method": method, "workload": workload, "lr": lr, "seed": seed, "error": str(tail)}
-    r["wall_s"] = time.perf_counter() - t
-    if "error" in r:
-        logger.warning("%s: %s", stem, r["error"])
-    else:
-        logger.info(
-            "%s: val %.3f test %.3f (%.0f s)", stem, r["val_acc"], r["test_acc"], r["wall_s"]
+        subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=runner.worker_env(), check=False
         )
-    return r
+    done = json.loads(out.read_text()) if out.is_file() else []
+    by_job = {(r["lr"], r["seed"]): r for r in done}
+    tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+    results = []
+    for lr, seed in jobs:
+        r = by_job.get((lr, seed)) or {"method": method, "lr": lr, "seed": seed, "error": str(tail)}
+        r["budget"] = budget
+        if "error" in r:
+            logger.warning("%s %s %s lr %g seed %d: %s", task, budget, method, lr, seed, r["error"])
+        else:
+            logger.info(
+                "%s %s %s lr %g seed %d: val %.3f test %.3f, %d steps in %.1f s, %.1f updates/weight",
+                task, budget, method, lr, seed, r["val_acc"], r["test_acc"], r["steps"],
+                r["train_s"], r["updates_per_weight"],
+            )  # fmt: skip
+        results.append(r)
+    return results
 
 
-def run_all(plan: dict[str, Settings], logs: Path, name: str = "full") -> dict[str, Any]:
-    """Per workload: the LR search at the first seed for every method, then the other seeds at
-    each method's best rate (by validation accuracy)."""
+def _run_task(task_name: str, tp: quality_plan.TaskPlan, logs: Path) -> dict[str, Any]:
+    task = TASKS[task_name]
+    facts = quality_plan.task_facts(task)
+    logger.info("%s: %s", task_name, {k: v for k, v in facts.items() if k != "new_params"})
+    blocks: dict[str, Any] = {}
+
+    def go(budget: str, s: Settings, start: dict[str, float] | None = None) -> dict[str, Any]:
+        def one(method: str, options: dict[str, Any], jobs: list[tuple[float, int]]) -> list:
+            return launch(method, task_name, budget, s, options, jobs, logs)
+
+        return quality_plan.search_budget(task, s, facts, one, start)
+
+    blocks["short"] = go("short", tp.short)
+    if tp.long is not None:
+        blocks["long"] = go("long", tp.long, blocks["short"]["chosen"])
+    if tp.equal_time:
+        for name in tp.equal_time_methods:
+            eq = quality_plan.equal_time_settings(tp.short, blocks["short"], name)
+            if eq is not None:
+                blocks["equal-time"] = go("equal-time", eq)
+    return {"label": task.label, "facts": facts, "budgets": blocks}
+
+
+def run_all(p: quality_plan.Plan, logs: Path) -> dict[str, Any]:
+    """Per task: the short budget, the long one (grids around the short budget's rates), then the
+    equal-wall-time budget of hiftune's defaults."""
     started = runner.machine_load()
     out: dict[str, Any] = {}
-    for workload, s in plan.items():
-        results: list[dict[str, Any]] = []
-        for method in s.methods:
-            search = [_launch(method, workload, lr, s.seeds[0], s, logs) for lr in s.grid]
-            results += search
-            ok = [r for r in search if "error" not in r]
-            if not ok:
-                continue
-            best = max(ok, key=lambda r: (r["val_acc"], -r["lr"]))["lr"]
-            results += [_launch(method, workload, best, seed, s, logs) for seed in s.seeds[1:]]
-        out[workload] = {"settings": asdict(s), "results": results}
+    for task_name, tp in p.tasks.items():
+        out[task_name] = _run_task(task_name, tp, logs)
     return {
+        "format": 2,
         "started": started,
         "finished": runner.machine_load(),
-        "plan": name,
-        "hift_units_per_group": methods.QUALITY_UNITS_PER_GROUP,
-        "workloads": out,
+        "plan": p.name,
+        "estimate_minutes": quality_plan.estimate_minutes(p.tasks),
+        "lisa": quality_plan.LISA_NOTE,
+        "versions": runner.versions(),
+        "tasks": out,
     }
 
 
@@ -288,25 +254,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", required=True, choices=methods.BY_NAME)
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", required=True, help="JSON list of [lr, seed]")
     p.add_argument("--settings", default="{}", help="JSON of Settings fields")
+    p.add_argument("--options", default="{}", help="JSON of the adapter's build options")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     fields: dict[str, Any] = json.loads(a.settings)
     kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     s = Settings(**kwargs)
-    try:
-        result = run(methods.get(a.method), a.task, a.lr, a.seed, s)
-        code = 0
-    except Exception as e:
-        traceback.print_exc()
-        result = {"method": a.method, "workload": a.task, "lr": a.lr, "seed": a.seed}
-        result["error"] = (
-            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        )
-        code = 1
-    a.out.write_text(json.dumps(result, indent=1) + "\n")
+    results, code = [], 0
+    for lr, seed in json.loads(a.jobs):
+        try:
+            results.append(run(methods.get(a.method), a.task, lr, seed, s, json.loads(a.options)))
+        except Exception as e:
+            traceback.print_exc()
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            results.append(
+                {"method": a.method, "task": a.task, "lr": lr, "seed": seed,
+                 "error": f"{type(e).__name__}: {msg}"}
+            )  # fmt: skip
+            code = 1
+        # Written after every job, so that a crash keeps the ones before it.
+        a.out.write_text(json.dumps(results, indent=1) + "\n")
     sys.stdout.flush()
     os._exit(code)
 

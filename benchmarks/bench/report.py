@@ -12,9 +12,9 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hiftune.memory.render import markdown_table, plot_lines
+from hiftune.memory.render import markdown_table
 
-from . import methods
+from . import methods, quality_report
 
 #: BAdam's default ``switch_block_every``: its block switch is amortised over this many steps.
 BADAM_SWITCH_EVERY = 50
@@ -177,99 +177,6 @@ def plot_memory(path: Path, results: Sequence[Mapping[str, Any]], batch: int) ->
     return path
 
 
-def _chosen_runs(block: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """Per method, its first-seed run at the learning rate chosen by validation accuracy."""
-    s = block["settings"]
-    res = [r for r in block["results"] if "error" not in r and r["seed"] == s["seeds"][0]]
-    chosen = {}
-    for name in s["methods"]:
-        mine = [r for r in res if r["method"] == name]
-        if mine:
-            chosen[name] = max(mine, key=lambda r: (r["val_acc"], -r["lr"]))
-    return chosen
-
-
-def _at_chosen_rate(block: Mapping[str, Any]) -> dict[str, list[Mapping[str, Any]]]:
-    """Per method, its runs of every seed at the rate :func:`_chosen_runs` chose."""
-    res = [r for r in block["results"] if "error" not in r]
-    return {
-        name: [r for r in res if r["method"] == name and r["lr"] == best["lr"]]
-        for name, best in _chosen_runs(block).items()
-    }
-
-
-def quality_rows(q: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per workload and method: the chosen LR and test accuracy (mean +- sd over seeds)."""
-    rows = []
-    for workload, block in q["workloads"].items():
-        for name, at in _at_chosen_rate(block).items():
-            accs = [r["test_acc"] for r in at]
-            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            rows.append(
-                {
-                    "task": workload,
-                    "method": _label(name),
-                    "lr (by validation)": f"{at[0]['lr']:g}",
-                    "test acc": f"{100 * statistics.mean(accs):.1f} +- {100 * sd:.1f}",
-                    "seeds": len(accs),
-                    "train s": f"{statistics.mean(r['train_s'] for r in at):.0f}",
-                }
-            )
-    return rows
-
-
-#: The target of "time to quality": this fraction of full fine-tuning's final validation accuracy.
-TARGET_OF_FULL_FT = 0.95
-
-
-def time_to_target(block: Mapping[str, Any]) -> tuple[float | None, list[dict[str, Any]]]:
-    """Which method first reaches :data:`TARGET_OF_FULL_FT` of full FT's final validation accuracy.
-
-    Returns:
-        The target (``None`` without a full fine-tuning run) and, per method, the training time
-        and step of its first evaluation at or above it (fastest first; "not reached" last).
-    """
-    chosen = _chosen_runs(block)
-    base = chosen.get("fpft-fp32")
-    if base is None:
-        return None, []
-    target = TARGET_OF_FULL_FT * base["val_acc"]
-    rows = []
-    for name, r in chosen.items():
-        hit = next((p for p in r["curve"] if p["val_acc"] >= target), None)
-        rows.append(
-            {
-                "method": _label(name),
-                "reached at (train s)": f"{hit['train_s']:.0f}" if hit else "not reached",
-                "at step": hit["step"] if hit else "-",
-                "of steps": r["steps"],
-                "final val acc": f"{100 * r['val_acc']:.1f}",
-                "_t": hit["train_s"] if hit else float("inf"),
-            }
-        )
-    rows.sort(key=lambda row: row["_t"])
-    return target, [{k: v for k, v in row.items() if k != "_t"} for row in rows]
-
-
-def plot_quality(path: Path, block: Mapping[str, Any], workload: str) -> Path | None:
-    """Validation accuracy vs training wall time (first seed, each method at its chosen LR)."""
-    series: dict[str, list[float]] = {}
-    xs: dict[str, list[float]] = {}
-    for name, best in _chosen_runs(block).items():
-        series[_label(name)] = [p["val_acc"] for p in best["curve"]]
-        xs[_label(name)] = [p["train_s"] for p in best["curve"]]
-    if not series:
-        return None
-    return plot_lines(
-        path,
-        series,
-        x=xs,
-        title=f"{workload}: validation accuracy vs training time (1 thread)",
-        xlabel="training wall time, s (evaluation excluded)",
-        ylabel="validation accuracy",
-    )
-
-
 def _versions_table(v: Mapping[str, str]) -> str:
     return markdown_table([{"package": k, "version": val} for k, val in v.items()])
 
@@ -297,12 +204,20 @@ def render(out_dir: Path, doc: Path, commands: Mapping[str, str]) -> str:
         lines += _speed_section(speed, batches, out_dir, rel)
         headline = markdown_table(speed_rows(speed["results"], batches[0]))
         headline += "\n" + "\n".join(_headline_goal(speed, spread, batches)) + "\n"
-        if quality:
-            headline += "\n" + "\n".join(accuracy_goal(quality)) + "\n"
+    if quality_report.is_current(quality):
+        headline += "\n" + "\n".join(quality_report.headline(quality)) + "\n"
     if spread:
         lines += _spread_section(spread)
-    if quality:
-        lines += _quality_section(quality, out_dir, rel)
+    if quality_report.is_current(quality):
+        lines += quality_report.section(quality, out_dir, rel)
+    elif quality:
+        lines += [
+            "## Quality",
+            "",
+            f"`{rel}/quality.json` holds results of the earlier one-budget plan, which this page "
+            "no longer renders: `make bench-quality` replaces them.",
+            "",
+        ]
     if scale:
         lines += _scale_section(scale)
     lines += ["## Exact commands", ""]
@@ -400,30 +315,6 @@ def _as_trained_goal(speed: Mapping[str, Any], batches: list[int]) -> list[str]:
     return lines
 
 
-def accuracy_goal(q: Mapping[str, Any]) -> list[str]:
-    """The goal's "at equal or better accuracy": hiftune's rows against full fine-tuning."""
-    lines = [
-        f"Accuracy ({q.get('plan', 'full')} quality plan, test accuracy, mean over seeds):",
-        "",
-    ]
-    for task, block in q["workloads"].items():
-        mean = {
-            name: 100 * statistics.mean(r["test_acc"] for r in at)
-            for name, at in _at_chosen_rate(block).items()
-        }
-        if "fpft-fp32" not in mean:
-            continue
-        best = mean["fpft-fp32"]
-        for name in (n for n in (*_OURS, "hift-fp32-host") if n in mean):
-            acc = mean[name]
-            verdict = "met" if acc >= best else "**missed**"
-            lines.append(
-                f"- {task}: {_label(name)} {acc:.1f} vs full FT {best:.1f}: {verdict} "
-                f"({acc - best:+.1f} points)"
-            )
-    return lines
-
-
 def _headline_goal(
     speed: Mapping[str, Any], spread: Mapping[str, Any] | None, batches: list[int]
 ) -> list[str]:
@@ -463,61 +354,6 @@ def _spread_section(spread: Mapping[str, Any]) -> list[str]:
     for b in sorted({r["batch_size"] for r in results}):
         lines += spread_goal(results, b)
     return [*lines, ""]
-
-
-def _quality_section(q: Mapping[str, Any], out: Path, rel: Path) -> list[str]:
-    lines = [
-        "## Quality and time to quality (bundled sentiment task)",
-        "",
-    ]
-    if q.get("plan") == "reduced":
-        lines += [
-            "> **Reduced setting** (`python -m bench quality --reduced`): a few sentences, one "
-            "learning rate and one seed, run only to show that the machinery works. These "
-            "accuracies are not a quality result; `make bench` runs the full setting.",
-            "",
-        ]
-    lines += [
-        f"Run {q['started']['time']} to {q['finished']['time']}, one torch thread per run. Per "
-        "task every method gets the same fixed training subset, batches, epochs, linear LR decay "
-        "and learning-rate grid; the rate is chosen by validation accuracy at the first seed and "
-        "the other seeds run at it; test accuracy is the mean +- sd over seeds. hiftune uses "
-        f"{q['hift_units_per_group']} units per group here (`hiftune train`'s default; its "
-        "peak memory is the row with that split in the tables above), so each group is trained "
-        "on one step in every k (k groups): the HiFT paper reports that it needs 2-5x the "
-        "epochs of full fine-tuning (Liu et al. 2024, arXiv:2401.15207), and this budget is "
-        "one epoch for every method. BAdam "
-        "switches block every `steps // blocks` steps so that one pass over its blocks fits the "
-        "budget (its default of 50 would visit only a few); on MiniLM its blocks are given "
-        "explicitly (its name inference looks for `layers.N`) and only the variant that also "
-        "trains the new head runs.",
-        "",
-    ]
-    settings = [
-        {"task": w, **{k: str(v) for k, v in b["settings"].items() if k != "methods"}}
-        for w, b in q["workloads"].items()
-    ]
-    lines += [markdown_table(settings), markdown_table(quality_rows(q))]
-    for workload, block in q["workloads"].items():
-        png = plot_quality(out / f"accuracy_vs_time_{workload}.png", block, workload)
-        if png:
-            lines += [f"![accuracy vs wall time, {workload}]({rel}/{png.name})", ""]
-        target, reached = time_to_target(block)
-        if target is not None:
-            lines += [
-                f"**{workload}: time to {100 * target:.1f}% validation accuracy** "
-                f"({100 * TARGET_OF_FULL_FT:.0f}% of full fine-tuning's final value; first seed, "
-                "each method at its chosen rate; resolution: the evaluation points of a run):",
-                "",
-                markdown_table(reached),
-            ]
-        for r in block["results"]:
-            if "error" in r:
-                lines.append(
-                    f"- failed: {workload} {_label(r['method'])} lr {r['lr']:g}: {r['error']}"
-                )
-    lines += [""]
-    return lines
 
 
 def _scale_section(scale: Mapping[str, Any]) -> list[str]:

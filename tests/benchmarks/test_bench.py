@@ -192,60 +192,6 @@ def test_readme_headline_is_replaced_only_between_its_markers(tmp_path: Path) ->
     )
 
 
-def test_quality_rows_choose_the_lr_by_validation_and_average_the_seeds() -> None:
-    def run(lr: float, seed: int, val: float, test: float) -> dict:
-        return {"workload": "minilm", "method": "lomo", "lr": lr, "seed": seed, "val_acc": val,
-                "test_acc": test, "train_s": 10.0}  # fmt: skip
-
-    results = [run(1e-4, 0, 0.6, 0.9), run(1e-3, 0, 0.8, 0.7), run(1e-3, 1, 0.7, 0.9)]
-    settings = {"methods": ["lomo"], "seeds": [0, 1]}
-    q = {"workloads": {"minilm": {"settings": settings, "results": results}}}
-    (row,) = report.quality_rows(q)
-    assert row["lr (by validation)"] == "0.001"
-    assert row["test acc"] == "80.0 +- 14.1" and row["seeds"] == 2
-
-
-def test_time_to_target_is_the_first_evaluation_at_95_percent_of_full_ft() -> None:
-    def run(method: str, lr: float, curve: list[tuple[float, float]]) -> dict:
-        points = [
-            {"step": 10 * (i + 1), "train_s": t, "val_acc": a} for i, (t, a) in enumerate(curve)
-        ]
-        return {"method": method, "lr": lr, "seed": 0, "steps": 10 * len(curve), "curve": points,
-                "val_acc": curve[-1][1]}  # fmt: skip
-
-    block = {
-        "settings": {"methods": ["fpft-fp32", "hift-bf16-disk", "lomo"], "seeds": [0]},
-        "results": [
-            run("fpft-fp32", 1e-4, [(50.0, 0.70), (100.0, 0.80)]),  # target 0.76
-            run("hift-bf16-disk", 1e-4, [(20.0, 0.77), (40.0, 0.81)]),
-            run("hift-bf16-disk", 1e-3, [(20.0, 0.50), (40.0, 0.60)]),  # not the chosen rate
-            run("lomo", 1e-4, [(10.0, 0.60), (20.0, 0.70)]),
-        ],
-    }
-    target, rows = report.time_to_target(block)
-    assert target == pytest.approx(0.76)
-    assert [(r["method"], r["reached at (train s)"], r["at step"]) for r in rows] == [
-        ("hiftune bf16 mixed^Hi, disk paging", "20", 10),
-        ("full FT, AdamW fp32", "100", 20),
-        ("LOMO (fused SGD)", "not reached", "-"),
-    ]
-
-
-def test_accuracy_goal_compares_hiftune_with_full_ft_per_task() -> None:
-    def run(method: str, seed: int, test: float) -> dict:
-        return {"workload": "minilm", "method": method, "lr": 1e-4, "seed": seed, "val_acc": 0.5,
-                "test_acc": test, "train_s": 1.0}  # fmt: skip
-
-    results = [run("fpft-fp32", 0, 0.80), run("fpft-fp32", 1, 0.70)]
-    results += [run("hift-bf16-disk", 0, 0.74), run("hift-bf16-disk", 1, 0.74)]
-    settings = {"methods": ["fpft-fp32", "hift-bf16-disk"], "seeds": [0, 1]}
-    q = {"plan": "full", "workloads": {"minilm": {"settings": settings, "results": results}}}
-    lines = report.accuracy_goal(q)
-    assert lines[-1] == (
-        "- minilm: hiftune bf16 mixed^Hi, disk paging 74.0 vs full FT 75.0: **missed** (-1.0 points)"
-    )
-
-
 def test_scale_rows_follow_their_formulas_on_llama_2_7b() -> None:
     from bench import scale
 

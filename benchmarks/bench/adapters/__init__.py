@@ -74,6 +74,14 @@ class Trainer:
     def close(self) -> None:
         """Releases what the method holds outside the model (files, hooks)."""
 
+    def updated_numel(self) -> int:
+        """How many weight elements the next :meth:`step` updates (for "updates per weight").
+
+        The default is every parameter that requires a gradient now; methods that train a
+        subset per step (HiFT, BAdam) switch ``requires_grad`` or override this.
+        """
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
 
 def linear_decay(optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule every method gets: linear decay from the base LR to 0 over ``total`` steps."""

@@ -41,6 +41,7 @@ def build(
     include_lm_head: bool = False,
     switch_block_every: int = 50,
     block_prefix_list: list[list[str]] | None = None,
+    active_modules: list[str] | None = None,
 ) -> Trainer:
     """``BlockOptimizer`` around ``torch.optim.AdamW``, as BAdam's README shows.
 
@@ -48,7 +49,9 @@ def build(
     defaults leave the embedding and the LM head (and everything outside the blocks) frozen;
     ``include_embedding`` / ``include_lm_head`` add them as blocks of their own.
     ``block_prefix_list`` gives the blocks explicitly (for models whose blocks are not named
-    ``layers.N``).
+    ``layers.N``). ``active_modules`` are name prefixes trained at every step besides the active
+    block (BAdam's way to keep a new classification head trainable); BAdam resets the Adam
+    state of everything it trains, these included, at each block switch.
     """
     base = torch.optim.AdamW(model.parameters(), lr=lr)
     opt = BlockOptimizer(
@@ -59,6 +62,7 @@ def build(
         switch_mode="descending",  # BAdam's default order
         include_embedding=include_embedding,
         include_lm_head=include_lm_head,
+        active_modules=list(active_modules or []),
         verbose=0,
     )
     return _BAdamTrainer(model, loss_fn, opt, linear_decay(opt, total_steps))
