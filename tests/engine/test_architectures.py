@@ -270,7 +270,7 @@ def check_split(model: nn.Module, batch: dict[str, torch.Tensor], n_blocks: int,
     changed = {n: torch.zeros(_rows(p.shape), dtype=torch.long) for n, p in named.items()}
     expected = {n: torch.zeros(_rows(p.shape), dtype=torch.bool) for n, p in named.items()}
     for step in range(opt.num_groups):
-        group = opt._group_units[opt._order[opt.active_group]]
+        group = opt._group_units[opt._rotation.active]
         active = {u.module for u in group if u.module is not None}
         assert len(active) <= 1, [u.name for u in group]  # never parts of two blocks
         before = {n: p.detach().clone() for n, p in named.items()}
@@ -287,7 +287,7 @@ def check_split(model: nn.Module, batch: dict[str, torch.Tensor], n_blocks: int,
             below = blocks[:lowest]
             assert [needs_grad[p] for p in below] == [twin_needs_grad[p] for p in below], step
         opt.unscale_()  # row shards take their rows of the weight's gradient
-        tensors = opt._tensors[opt._order[opt.active_group]]
+        tensors = opt._tensors[opt._rotation.active]
         for n, rows, p in zip(tensors.names, tensors.rows, opt.master_parameters(), strict=True):
             start, stop = rows or (0, _rows(named[n].shape))
             ref = reference[n].grad

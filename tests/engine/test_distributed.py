@@ -21,10 +21,15 @@ def _data():
     return [torch.randint(0, 32, (4, 12), generator=g) for _ in range(STEPS)]
 
 
-def _train(ids_for_step, precision="fp32"):
+#: The schedule options (tests/engine/test_schedule.py) under data parallelism.
+SCHEDULE = {"always_active": (r"lm_head\..*",), "always_active_lr_scale": 3.0, "steps_per_group": 2}
+
+
+def _train(ids_for_step, precision="fp32", **schedule):
     torch.manual_seed(0)
     model = TinyLM()
-    opt = HiFTOptimizer(model, torch.optim.AdamW, HiFTConfig(precision=precision), lr=1e-2)
+    config = HiFTConfig(precision=precision, **schedule)
+    opt = HiFTOptimizer(model, torch.optim.AdamW, config, lr=1e-2)
     for step in range(STEPS):
         lm_loss(model, ids_for_step(step)).backward()
         opt.clip_grad_norm_(0.5)  # clipping must see the averaged gradients on every rank
@@ -33,14 +38,14 @@ def _train(ids_for_step, precision="fp32"):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, out, schedule=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     data = _data()
     # Each rank sees half of every batch; equal halves, so the mean of the two losses' gradients
     # equals the full batch's gradient.
-    weights = _train(lambda s: data[s][rank * 2 : rank * 2 + 2])
+    weights = _train(lambda s: data[s][rank * 2 : rank * 2 + 2], **(schedule or {}))
     torch.save(weights, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -51,11 +56,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_ranks_match_one_process_on_the_full_batch(tmp_path):
+@pytest.mark.parametrize("schedule", [{}, SCHEDULE], ids=["paper", "schedule-options"])
+def test_two_ranks_match_one_process_on_the_full_batch(tmp_path, schedule):
     out = str(tmp_path / "w")
-    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, _free_port(), out, schedule), nprocs=2, start_method="spawn"
+    )
     data = _data()
-    reference = _train(lambda s: data[s])
+    reference = _train(lambda s: data[s], **schedule)
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     for n, p in reference.items():
         assert torch.equal(ranks[0][n], ranks[1][n]), n  # the ranks stay in lockstep

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -66,6 +68,19 @@ class HiFTConfig:
             owns it (group ``b`` on rank ``b % N``), which steps it and broadcasts the new weights
             (see :mod:`hiftune.engine.zero`). Results equal the unsharded run; paged state per rank
             drops about N times. ``precision="fp32"`` only; no effect on one process.
+        always_active: Parameters trained at every step, beside the rotating groups: regular
+            expressions matched in full against ``model.named_parameters()`` names (a tied
+            parameter by any of its names). They leave the unit split and get an optimizer of
+            their own whose state stays on the device, never paged. Meant for a small, newly
+            initialised head (``classifier.*``, ``score.*``) that would otherwise learn one step in
+            k; a pattern that matches no trainable parameter is an error, and a large or tied
+            parameter draws a warning (see :mod:`hiftune.engine.schedule`).
+        always_active_lr_scale: Factor on the learning rate of the ``always_active`` parameters
+            (a scheduler scales from it).
+        steps_per_group: K, the optimizer steps each group takes before the next one becomes
+            active (BAdam's "switch every K steps"); a cycle is then ``k * K`` steps, and a
+            delayed scheduler still advances once per cycle. Each group keeps its optimizer state
+            across its visits. 1 is the paper's schedule.
         init_loss_scale: Initial dynamic loss scale for ``precision="fp16"``.
         loss_scale_growth_interval: Steps without overflow after which the fp16 loss scale doubles.
     """
@@ -99,6 +114,16 @@ class HiFTConfig:
     shard_state: bool = field(
         default=False,
         metadata={"help": "Distributed: each rank keeps and steps only its share of the groups."},
+    )
+    always_active: Sequence[str] = field(
+        default=(),
+        metadata={"help": "Regexes of parameters trained at every step (e.g. a new head)."},
+    )
+    always_active_lr_scale: float = field(
+        default=1.0, metadata={"help": "Learning-rate factor of the always-active parameters."}
+    )
+    steps_per_group: int = field(
+        default=1, metadata={"help": "Optimizer steps per group before switching (K >= 1)."}
     )
     init_loss_scale: float = field(default=2.0**16, metadata={"help": "fp16 initial loss scale."})
     loss_scale_growth_interval: int = field(
@@ -149,6 +174,30 @@ class HiFTConfig:
             raise ValueError(
                 f"shard_state=True supports precision='fp32' only, not {self.precision!r}"
             )
+        if isinstance(self.always_active, str):
+            self.always_active = (self.always_active,)
+        if not isinstance(self.always_active, Sequence) or not all(
+            isinstance(p, str) and p for p in self.always_active
+        ):
+            raise ValueError(
+                "always_active must be a list of parameter-name regexes, got "
+                f"{self.always_active!r}"
+            )
+        for pattern in self.always_active:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"always_active has an invalid regex {pattern!r}: {e}") from None
+        self.always_active = tuple(self.always_active)
+        scale = self.always_active_lr_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"always_active_lr_scale must be a number > 0, got {scale!r}")
+        if not math.isfinite(scale):
+            raise ValueError(f"always_active_lr_scale must be finite, got {scale!r}")
+        if not _is_positive_int(self.steps_per_group):
+            raise ValueError(
+                f"steps_per_group must be an integer >= 1, got {self.steps_per_group!r}"
+            )
         if not self.init_loss_scale > 0:
             raise ValueError(f"init_loss_scale must be > 0, got {self.init_loss_scale}")
         if self.loss_scale_growth_interval < 1:
@@ -159,6 +208,7 @@ class HiFTConfig:
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as plain Python values (safe for JSON and ``torch.load``)."""
         out = dataclasses.asdict(self)
+        out["always_active"] = list(out["always_active"])
         if out["units"] is not None:
             out["units"] = {k: list(v) for k, v in out["units"].items()}
         return out

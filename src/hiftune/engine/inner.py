@@ -11,7 +11,7 @@ optimizer's i-th parameter, and ``master.<i>`` for the i-th master weight.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -122,11 +122,15 @@ class GroupStates:
     Args:
         store: Where paged-out groups live.
         names: A readable name per group, for messages.
+        pinned: Groups that are never paged out (the always-active parameters').
     """
 
-    def __init__(self, store: StateStore, names: Sequence[str]) -> None:
+    def __init__(
+        self, store: StateStore, names: Sequence[str], pinned: Collection[int] = ()
+    ) -> None:
         self.store = store
         self.names = list(names)
+        self.pinned = frozenset(pinned)
         self.inner: list[torch.optim.Optimizer] = []
         self.masters: list[list[nn.Parameter]] = []
         self.resident: set[int] = set()
@@ -142,13 +146,13 @@ class GroupStates:
         self.page_out(len(self.inner) - 1)
 
     def page_out(self, b: int) -> None:
-        """Moves group ``b``'s state to the store (nothing if it is not resident).
+        """Moves group ``b``'s state to the store (nothing if it is not resident, or pinned).
 
         Raises:
             BaseException: Whatever the store raised; the group then stays resident, so a failed
                 write (a full disk) loses nothing and a later page-out tries again.
         """
-        if b not in self.resident:
+        if b not in self.resident or b in self.pinned:
             return
         tensors, scalars = flatten_state(self.inner[b], self.masters[b])
         try:
@@ -189,7 +193,8 @@ class GroupStates:
 
     def load(self, b: int, saved: dict[str, Any], device: torch.device) -> None:
         """Replaces group ``b``'s state by a :meth:`copy` of it, then pages it out."""
-        self.store.get(b)  # drop what the store holds for this group
+        if b not in self.pinned:
+            self.store.get(b)  # drop what the store holds for this group
         inner = self.inner[b]
         clear_state(inner, self.masters[b])
         inner.load_state_dict(saved["optimizer"])  # casts state to each parameter's device

@@ -18,6 +18,7 @@ row shards of a split parameter in :mod:`.shards`, and taking the model over and
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,10 +37,11 @@ from .order import group_order
 from .paging import StateStore, make_store
 from .precision import DTYPES, LossScaler
 from .rowgrad import row_gradient_owners
+from .schedule import Rotation, always_active_warnings
 from .shards import GroupTensors, take_grads
 from .state_dict import STATE_DICT_VERSION, Layout, class_name, validate_state_dict
 from .truncation import BackwardTruncation
-from .units import Unit, group_name, group_units, split_units, unit_numel
+from .units import Unit, always_active_names, group_name, group_units, split_model, unit_numel
 from .zero import StateSharding
 
 logger = logging.getLogger(__name__)
@@ -80,13 +82,18 @@ class HiFTOptimizer(torch.optim.Optimizer):
     optimizer then steps a row shard, an ``nn.Parameter`` viewing those rows (see
     :mod:`hiftune.engine.shards`, also for what a sharded step costs).
 
+    The schedule options (:mod:`hiftune.engine.schedule`): with ``HiFTConfig.steps_per_group`` K
+    each group takes K steps before the next one becomes active; the parameters
+    ``HiFTConfig.always_active`` names are trained at every step by one more optimizer (same
+    class and arguments, learning rate times ``always_active_lr_scale``) whose state is never
+    paged. Its param groups come last in :attr:`param_groups`, after the rotating groups'.
+
     Attributes:
         groups: Parameter names of each group, in training order (a sharded parameter is named in
             every group that holds some of its rows).
         group_names: A readable name per group, e.g. ``["embed", "layers.0", ..., "head"]``.
-        units: The units of the model, bottom-up.
-        cycle: The number of completed cycles (each group updated once per cycle).
-        steps: The number of optimizer steps taken (fp16 steps skipped on overflow not counted).
+        units: The rotating units of the model, bottom-up.
+        always_unit: The unit of the always-active parameters, or ``None``.
     """
 
     def __init__(
@@ -109,11 +116,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.config = config if config is not None else HiFTConfig()
         self.model = model
         release_stale_claim(model)
-        self.units: list[Unit] = split_units(model, self.config)
+        self.units: list[Unit]
+        self.always_unit: Unit | None
+        self.units, self.always_unit = split_model(model, self.config)
         named = dict(model.named_parameters())
         shapes = {n: p.shape for n, p in named.items()}
         # The units of each group, bottom-up. Everything per group below is indexed the same way
-        # (by bottom-up group id b); self._order maps training positions to ids.
+        # (by bottom-up group id b); self._rotation maps training positions to ids.
         bottom_up = group_units(
             self.units,
             self.config.units_per_group,
@@ -121,9 +130,21 @@ class HiFTOptimizer(torch.optim.Optimizer):
             [unit_numel(u, shapes) for u in self.units],
         )
         self._group_units: list[tuple[Unit, ...]] = bottom_up
-        self._order = group_order(len(bottom_up), self.config.order, self.config.seed)
+        self._rotation = Rotation(
+            group_order(len(bottom_up), self.config.order, self.config.seed),
+            self.config.steps_per_group,
+        )
+        # The always-active parameters are one more group, id k (after the rotating ones): built,
+        # cast, saved and handed back like the others, but never paged and never frozen.
+        self._always: int | None = None
+        if self.always_unit is not None:
+            self._always = len(bottom_up)
+            aliases = always_active_names(model, self.config.always_active)[1]
+            for message in always_active_warnings(self.always_unit, bottom_up, shapes, aliases):
+                warnings.warn(message, stacklevel=2)
         owners = row_gradient_owners(model)
-        self._tensors = [GroupTensors.build(named, g, owners) for g in bottom_up]
+        every = [*bottom_up, *([(self.always_unit,)] if self.always_unit is not None else [])]
+        self._tensors = [GroupTensors.build(named, g, owners) for g in every]
         self._names = [t.names for t in self._tensors]
         # What each group's optimizer steps in the model's dtype (a row shard for some rows).
         self._params = [t.params for t in self._tensors]
@@ -142,29 +163,35 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self._sharding is not None:
             self._store = self._sharding.wrap(self._store)
         # Each group's inner optimizer and fp32 masters (empty in fp32 training), paged together.
-        self._states = GroupStates(self._store, [group_name(g) for g in bottom_up])
+        self._states = GroupStates(
+            self._store,
+            [group_name(g) for g in every],
+            pinned=() if self._always is None else (self._always,),
+        )
         self._inner = self._states.inner
         self._masters = self._states.masters
         self._grads_ready = False
-        self._position = 0
-        self.cycle = 0
-        self.steps = 0
         # Why the optimizer cannot step any more (an fp16 divergence), until a checkpoint loads.
         self._failure: str | None = None
         self._closed = False
         # A failed construction hands the model back as it found it (see .handover).
         self._handover = Handover(model, self._tensors, self._states, self._store, self._dtype)
         self._handover.build(optimizer_cls, param_groups_fn, optimizer_kwargs)
+        if self._always is not None:
+            for g in self._inner[self._always].param_groups:
+                if "lr" in g:  # schedulers take their base rates from here, scaled
+                    g["lr"] = g["lr"] * self.config.always_active_lr_scale
 
         super().__init__(self._collect_param_groups(), dict(self._inner[0].defaults))
         # What a checkpoint must match to load (recorded in state_dict() too).
         self._layout = Layout(
             names=[t.labels for t in self._tensors],
-            group_names=[group_name(g) for g in bottom_up],
+            group_names=[group_name(g) for g in every],
             shapes=[t.shapes for t in self._tensors],
             param_group_sizes=[[len(g["params"]) for g in i.param_groups] for i in self._inner],
             optimizer_class=class_name(self._inner[0]),
             precision=self.config.precision,
+            rotating=len(bottom_up),
         )
         weights = list({id(w): w for t in self._tensors for w in t.weights}.values())
         self._truncation = BackwardTruncation(model, self.units)
@@ -175,23 +202,43 @@ class HiFTOptimizer(torch.optim.Optimizer):
 
     @property
     def groups(self) -> list[list[str]]:
-        """Parameter names of each group, in training order."""
-        return [list(self._names[b]) for b in self._order]
+        """Parameter names of each rotating group, in training order."""
+        return [list(self._names[b]) for b in self._rotation.order]
 
     @property
     def group_names(self) -> list[str]:
-        """A readable name per group, in training order."""
-        return [group_name(self._group_units[b]) for b in self._order]
+        """A readable name per rotating group, in training order."""
+        return [group_name(self._group_units[b]) for b in self._rotation.order]
+
+    @property
+    def always_active_names(self) -> list[str]:
+        """The parameters trained at every step (``HiFTConfig.always_active``), by name."""
+        return [] if self._always is None else list(self._names[self._always])
 
     @property
     def active_group(self) -> int:
         """Index into :attr:`groups` of the group the next :meth:`step` trains."""
-        return self._position
+        return self._rotation.position
 
     @property
     def num_groups(self) -> int:
-        """k, the number of groups (= optimizer steps per cycle)."""
-        return len(self._order)
+        """k, the number of rotating groups."""
+        return len(self._rotation.order)
+
+    @property
+    def steps_per_cycle(self) -> int:
+        """``k * K``: the optimizer steps of one cycle (``K = HiFTConfig.steps_per_group``)."""
+        return self._rotation.steps_per_cycle
+
+    @property
+    def cycle(self) -> int:
+        """The number of completed cycles (each group visited once per cycle)."""
+        return self._rotation.cycle
+
+    @property
+    def steps(self) -> int:
+        """The number of optimizer steps taken (fp16 steps skipped on overflow not counted)."""
+        return self._rotation.steps
 
     @property
     def loss_scale(self) -> float:
@@ -207,7 +254,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
     @property  # type: ignore[override]
     def state(self) -> Mapping[torch.Tensor, dict[str, Any]]:
         """Optimizer state of the groups currently on the device (a read-only view)."""
-        return ChainMap(*(inner.state for inner in self._inner))
+        # Plain copies: a lookup in the inner defaultdicts would add an empty entry.
+        return ChainMap(*(dict(inner.state) for inner in self._inner))
 
     @state.setter
     def state(self, value: Any) -> None:
@@ -229,12 +277,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return self._store
 
     def active_parameters(self) -> list[nn.Parameter]:
-        """The model parameters of the active group (the only ones with gradients).
+        """The model parameters trained by the next step (the only ones with gradients): the
+        active group's, then the always-active ones.
 
         A sharded parameter is listed whole: until :meth:`unscale_` hands the group's rows to its
         row shards, its gradient covers all its rows.
         """
-        return list(self._tensors[self._order[self._position]].weights)
+        return [w for b in self._stepped() for w in self._tensors[b].weights]
 
     def master_parameters(self) -> list[nn.Parameter]:
         """The tensors the active group's optimizer steps on.
@@ -244,8 +293,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
         their data is paged out to the store (empty tensors). In fp32 training they are the
         parameters of :meth:`active_parameters`, with a row shard in place of a sharded one.
         """
-        b = self._order[self._position]
-        return list(self._masters[b] if self._mixed else self._params[b])
+        source = self._masters if self._mixed else self._params
+        return [p for b in self._stepped() for p in source[b]]
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Returns ``loss`` times the fp16 loss scale; call ``.backward()`` on the result.
@@ -278,15 +327,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """
         if self._grads_ready:
             return
-        b = self._order[self._position]
+        stepped = self._stepped()
         # Row shards take their rows of the full gradient first (freeing it), so that only the
         # active rows are all-reduced and paged-in state never meets the full-size gradient.
-        take_grads(self._tensors[b].shards)
+        take_grads(self._tensors[stepped[0]].shards)
         if should_sync(self.config.sync_gradients):
-            all_reduce_mean([p for p in self._params[b] if p.requires_grad])
+            all_reduce_mean([p for b in stepped for p in self._params[b] if p.requires_grad])
         if self._mixed:
-            self._states.page_in(b)
-            precision.grads_to_masters(self._params[b], self._masters[b], self.loss_scale)
+            for b in stepped:
+                self._states.page_in(b)
+                precision.grads_to_masters(self._params[b], self._masters[b], self.loss_scale)
         self._grads_ready = True
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
@@ -325,7 +375,8 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 :meth:`load_state_dict` restores a checkpoint.
         """
         self._check_usable()
-        b = self._order[self._position]
+        b = self._rotation.active
+        stepped = self._stepped()
         loss = None
         if self._mixed and closure is not None:
             with torch.enable_grad():
@@ -335,11 +386,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._states.page_in(b)
         if self._scaler is not None:
             overflow = self._scaler.found_overflow(
-                m.grad for m in self._masters[b] if m.grad is not None
+                m.grad for s in stepped for m in self._masters[s] if m.grad is not None
             )
             self._scaler.update(overflow)
-            if overflow:
-                self._finish_group(b)
+            if overflow:  # the same group tries again with the next batch
+                self._finish_step(None)
                 return loss
         result = None
         if self._sharding is None or self._sharding.owns(b):
@@ -349,20 +400,23 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 result = closure()
         if self._sharding is not None:
             self._sharding.broadcast(b, self._params[b])
+        if self._always is not None:
+            # Every rank steps it (its gradients were averaged): no owner, no broadcast.
+            self._inner[self._always].step()
         loss = result if loss is None else loss
         if self._scaler is not None:
             # An fp16 weight of inf would overflow every later step: they would all be skipped.
-            self._failure = precision.check_half_range(
-                self._masters[b], self._dtype, group_name(self._group_units[b])
-            )
-            if self._failure is not None:
-                self._clear_grads(b)
-                raise FloatingPointError(self._failure)
-        self._tensors[b].write_back(self._masters[b])
-        try:
-            self._finish_group(b)
-        finally:
-            self._advance()  # the update is done even if paging its state out failed
+            for s in stepped:
+                self._failure = precision.check_half_range(
+                    self._masters[s], self._dtype, self._states.names[s]
+                )
+                if self._failure is not None:
+                    self._clear_grads()
+                    raise FloatingPointError(self._failure)
+        for s in stepped:
+            self._tensors[s].write_back(self._masters[s])
+        switch = self._rotation.advance()  # the update is done even if paging out fails below
+        self._finish_step(b if switch else None)
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -390,14 +444,13 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._check_usable()
         groups = [self._states.copy(b, self._mixed) for b in range(len(self._inner))]
         if self._sharding is not None:  # a collective: each group as its owner keeps it
-            groups = [self._sharding.share(b, g) for b, g in enumerate(groups)]
+            groups = [
+                g if b == self._always else self._sharding.share(b, g) for b, g in enumerate(groups)
+            ]
         return {
             "hift": {
                 **self._layout.to_meta(),
-                "order": list(self._order),
-                "position": self._position,
-                "cycle": self.cycle,
-                "steps": self.steps,
+                **self._rotation.to_meta(),
                 "scaler": self._scaler.state_dict() if self._scaler else None,
             },
             "groups": groups,
@@ -417,7 +470,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self._closed:
             self._check_usable()  # says why it is closed (e.g. a newer optimizer took over)
         meta = validate_state_dict(state_dict, self._layout)
-        order = [int(i) for i in meta["order"]]
+        if int(meta.get("group_steps", 0)) >= self.config.steps_per_group:
+            raise ValueError(
+                f"cannot load this HiFT state dict: it was saved {meta['group_steps']} steps into "
+                f"a group's visit, more than steps_per_group={self.config.steps_per_group} allows"
+            )
         for b, saved in enumerate(state_dict["groups"]):
             saved = {**saved, "masters": saved["masters"] if self._mixed else None}
             self._states.load(b, saved, self._params[b][0].device)
@@ -425,10 +482,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.param_groups = self._collect_param_groups()
         for tensors in self._tensors:
             tensors.deactivate()
-        self._order = order
-        self._position = int(meta["position"])
-        self.cycle = int(meta["cycle"])
-        self.steps = int(meta["steps"])
+        self._rotation.load_meta(meta)
         if self._scaler is not None and meta.get("scaler") is not None:
             self._scaler.load_state_dict(meta["scaler"])
         self._grads_ready = False
@@ -449,7 +503,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             return
         self._closed = True
         # A diverged group's masters are skipped: its weights keep their last finite values.
-        failed = self._order[self._position] if self._failure is not None else None
+        failed = self._rotation.active if self._failure is not None else None
         try:
             self._handover.hand_back(self._handover.trained_masters(skip=failed))
         finally:
@@ -459,7 +513,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         inner = type(self._inner[0]).__name__
         return (
             f"HiFTOptimizer({inner}, {len(self.units)} units in {self.num_groups} groups, "
-            f"order={self.config.order}, active={self.group_names[self._position]!r}, "
+            f"order={self.config.order}, active={self.group_names[self.active_group]!r}, "
             f"cycle={self.cycle}, offload={self.config.offload}, precision={self.config.precision})"
         )
 
@@ -468,34 +522,45 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def _collect_param_groups(self) -> list[dict[str, Any]]:
         # The very dict objects of the per-group optimizers, in training order, so a scheduler
         # that writes param_groups[i]["lr"] reaches the optimizer that steps group i.
-        return [g for b in self._order for g in self._inner[b].param_groups]
+        ids = [*self._rotation.order, *([] if self._always is None else [self._always])]
+        return [g for b in ids for g in self._inner[b].param_groups]
+
+    def _stepped(self) -> list[int]:
+        """The ids of the groups the next step updates: the active one, then the always-active."""
+        b = self._rotation.active
+        return [b] if self._always is None else [b, self._always]
 
     def _activate(self) -> None:
-        b = self._order[self._position]
-        self._tensors[b].activate()
-        self._truncation.set_active(self._group_units[b])
+        b = self._rotation.active
+        for s in self._stepped():
+            self._tensors[s].activate()
+        units = self._group_units[b]
+        if self.always_unit is not None:
+            units = (*units, self.always_unit)
+        self._truncation.set_active(units)
         if self.config.prefetch:
             self._store.prefetch(b)
 
-    def _advance(self) -> None:
-        self._tensors[self._order[self._position]].deactivate()
-        self._position = (self._position + 1) % self.num_groups
-        if self._position == 0:
-            self.cycle += 1
-        self.steps += 1
-        self._activate()
-
-    def _clear_grads(self, b: int) -> None:
-        for p in (*self._tensors[b].weights, *self._params[b], *self._masters[b]):
-            p.grad = None
+    def _clear_grads(self) -> None:
+        for b in self._stepped():
+            for p in (*self._tensors[b].weights, *self._params[b], *self._masters[b]):
+                p.grad = None
         self._grads_ready = False
 
-    def _finish_group(self, b: int) -> None:
-        self._clear_grads(b)
-        self._states.page_out(b)
-        # Groups whose page-out failed before stayed resident: try them again now.
-        for other in sorted(self._states.resident - {b}):
-            self._states.page_out(other)
+    def _finish_step(self, left: int | None) -> None:
+        """Clears the step's gradients; when group ``left`` has ended its visit, pages its state
+        out (it stays on the device for the K steps of a visit) and activates the next group."""
+        self._clear_grads()
+        if left is None:
+            return
+        try:
+            self._states.page_out(left)
+            # Groups whose page-out failed before stayed resident: try them again now.
+            for other in sorted(self._states.resident - {left}):
+                self._states.page_out(other)
+        finally:
+            self._tensors[left].deactivate()
+            self._activate()
 
     def _check_usable(self) -> None:
         if self._claim.superseded:

@@ -37,6 +37,8 @@ class Layout:
         param_group_sizes: Per group, how many tensors each torch param group of its optimizer has.
         optimizer_class: :func:`class_name` of the per-group optimizers.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        rotating: How many of the groups rotate (the queue's length); the others (the
+            always-active parameters') come after them. ``None``: all of them.
     """
 
     names: list[list[str]]
@@ -45,6 +47,7 @@ class Layout:
     param_group_sizes: list[list[int]]
     optimizer_class: str
     precision: str
+    rotating: int | None = None
 
     def to_meta(self) -> dict[str, Any]:
         """The layout's part of a state dict's ``"hift"`` entry (plain values)."""
@@ -93,13 +96,13 @@ def validate_state_dict(state_dict: object, layout: Layout) -> Mapping[str, Any]
     missing = [k for k in _META_KEYS if k not in meta]
     if missing or "groups" not in state_dict:
         raise _fail(f"it lacks {', '.join(missing) or 'groups'}")
-    k = len(layout.names)
+    k = len(layout.names) if layout.rotating is None else layout.rotating
     if [list(n) for n in meta["groups"]] != layout.names:
         raise ValueError(
             "this checkpoint was saved for a different model or unit split: its groups are "
             f"{meta['group_names']}, this optimizer's are {layout.group_names} (the split "
-            "follows HiFTConfig's units_per_group, group_by, max_unit_params, units and blocks; "
-            "a checkpoint from before unit budgets needs max_unit_params=None)"
+            "follows HiFTConfig's units_per_group, group_by, max_unit_params, units, blocks and "
+            "always_active; a checkpoint from before unit budgets needs max_unit_params=None)"
         )
     _check_shapes(meta.get("shapes"), layout)
     saved_cls = meta.get("optimizer_class")
@@ -118,12 +121,16 @@ def validate_state_dict(state_dict: object, layout: Layout) -> Mapping[str, Any]
     position = meta["position"]
     if not _is_count(position) or position >= k:
         raise _fail(f"its queue position {position!r} is not one of the {k} groups (0..{k - 1})")
+    if "group_steps" in meta and not _is_count(meta["group_steps"]):
+        raise _fail(f"its group_steps count {meta['group_steps']!r} is not a non-negative integer")
     for key in ("cycle", "steps"):
         if not _is_count(meta[key]):
             raise _fail(f"its {key} count {meta[key]!r} is not a non-negative integer")
     groups = state_dict["groups"]
-    if not isinstance(groups, Sequence) or len(groups) != k:
-        raise _fail(f"it holds {len(groups)} group states, this optimizer has {k} groups")
+    if not isinstance(groups, Sequence) or len(groups) != len(layout.names):
+        raise _fail(
+            f"it holds {len(groups)} group states, this optimizer has {len(layout.names)} groups"
+        )
     for b, saved in enumerate(groups):
         _check_group(b, saved, layout)
     return meta

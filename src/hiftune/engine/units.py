@@ -48,9 +48,11 @@ from .trace import Trace, trace_forward
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ALWAYS",
     "ARCHITECTURES",
     "ArchitectureHints",
     "Unit",
+    "always_active_names",
     "balanced_bounds",
     "find_block_stacks",
     "find_blocks",
@@ -58,12 +60,15 @@ __all__ = [
     "group_name",
     "group_units",
     "model_type",
+    "split_model",
     "split_units",
     "unit_numel",
 ]
 
 EMBED = "embed"
 HEAD = "head"
+#: The name of the unit of :attr:`HiFTConfig.always_active` parameters (see :func:`split_model`).
+ALWAYS = "always"
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,8 @@ def split_units(model: nn.Module, config: HiFTConfig | None = None) -> list[Unit
 
     Args:
         model: Any ``nn.Module``; Hugging Face models are recognised by ``config.model_type``.
-        config: Supplies the optional ``units`` / ``blocks`` overrides and ``max_unit_params``.
+        config: Supplies the optional ``units`` / ``blocks`` overrides and ``max_unit_params``;
+            its ``always_active`` parameters are left out (see :func:`split_model`).
 
     Returns:
         The non-empty units in bottom-up order.
@@ -130,6 +136,27 @@ def split_units(model: nn.Module, config: HiFTConfig | None = None) -> list[Unit
     Raises:
         ValueError: If the model has no trainable parameters, if no blocks can be found, or if an
             override leaves a parameter unplaced or places one twice.
+    """
+    return split_model(model, config)[0]
+
+
+def split_model(
+    model: nn.Module, config: HiFTConfig | None = None
+) -> tuple[list[Unit], Unit | None]:
+    """Splits ``model`` into its rotating units and the unit of its always-active parameters.
+
+    As :func:`split_units`, but the parameters :attr:`HiFTConfig.always_active` names are taken out
+    of their units first (before the size budget, so they are never row-sharded) and returned as
+    one more unit, :data:`ALWAYS`, whose cut is the lowest of the units they came from (a subset
+    of a unit runs no earlier than the unit, so that cut is safe).
+
+    Returns:
+        ``(units, always)``: the non-empty rotating units, bottom-up, and the always-active unit
+        (``None`` when ``config.always_active`` is empty).
+
+    Raises:
+        ValueError: As :func:`split_units`; also if an ``always_active`` pattern matches no
+            trainable parameter, or the patterns match every trainable parameter.
     """
     config = config or HiFTConfig()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -144,9 +171,74 @@ def split_units(model: nn.Module, config: HiFTConfig | None = None) -> list[Unit
     else:
         units, first_use = _split_by_walk(model, named, config.blocks)
     units = [u for u in units if u.params]
+    units, always = _carve_always_active(model, units, config.always_active)
     units = _apply_budget(model, units, config.max_unit_params, first_use)
     logger.debug("split %s into %d units", type(model).__name__, len(units))
-    return units
+    return units, always
+
+
+def always_active_names(model: nn.Module, patterns: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The trainable parameters ``patterns`` name, and the tied aliases they were named by.
+
+    A pattern is matched in full against every name of a parameter, its aliases included (a tied
+    ``lm_head.weight`` is the embedding's parameter); the parameter is then listed once, by the
+    name ``model.named_parameters()`` gives it.
+
+    Returns:
+        ``(names, aliases)``: the parameters' names in registration order, and each
+        ``"alias (= name)"`` that matched where the name itself did not.
+
+    Raises:
+        ValueError: If a pattern matches no trainable parameter.
+    """
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    compiled = [re.compile(p) for p in patterns]
+    chosen: set[str] = set()
+    aliases: list[str] = []
+    unmatched = set(patterns)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        hits = {c.pattern for c in compiled if c.fullmatch(name)}
+        if not hits or not p.requires_grad:
+            continue
+        unmatched -= hits
+        real = canonical[id(p)]
+        if real != name and real not in chosen:
+            aliases.append(f"{name} (= {real})")
+        chosen.add(real)
+    if unmatched:
+        raise ValueError(
+            f"always_active pattern(s) {sorted(unmatched)} match no trainable parameter of "
+            f"{type(model).__name__}; patterns are matched in full against "
+            "model.named_parameters() names (e.g. 'classifier\\..*')"
+        )
+    return [n for n in canonical.values() if n in chosen], aliases
+
+
+def _carve_always_active(
+    model: nn.Module, units: list[Unit], patterns: Sequence[str]
+) -> tuple[list[Unit], Unit | None]:
+    """Takes the always-active parameters out of ``units``; returns the rest and their unit."""
+    if not patterns:
+        return units, None
+    names, _ = always_active_names(model, patterns)
+    chosen = set(names)
+    kept: list[Unit] = []
+    sources: list[Unit] = []
+    for u in units:
+        rest = tuple(n for n in u.params if n not in chosen)
+        if len(rest) < len(u.params):
+            sources.append(u)
+        if rest:
+            kept.append(replace(u, params=rest) if len(rest) < len(u.params) else u)
+    if not kept:
+        raise ValueError(
+            "always_active matches every trainable parameter: no group is left to rotate "
+            "(train such a model with a plain optimizer)"
+        )
+    modules = {u.module for u in sources}
+    module = modules.pop() if len(modules) == 1 else None
+    cut = min((u.cut for u in sources), default=0)
+    return kept, Unit(ALWAYS, tuple(names), module, cut)
 
 
 def _apply_budget(

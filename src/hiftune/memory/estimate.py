@@ -55,7 +55,7 @@ from ..engine.optimizers import METHODS, OPTIMIZERS
 from ..engine.precision import DTYPES
 from ..engine.rowgrad import row_gradient_names
 from ..engine.trace import MetaAnswers
-from ..engine.units import Unit, group_name, group_units, split_units, unit_numel
+from ..engine.units import Unit, group_name, group_units, split_model, unit_numel
 from ..errors import UserError, first_line
 from .batches import dummy_batches, first_that_runs
 from .configs import build_model, head_of, resolve_config
@@ -238,7 +238,7 @@ def estimate(
     try:  # the engine reports a bad m or a model it cannot split as ValueError
         base = config or HiFTConfig()
         hift_config = HiFTConfig(**{**base.to_dict(), "units_per_group": units_per_group})
-        units = split_units(model, hift_config)
+        units, always = split_model(model, hift_config)
         shapes = {n: p.shape for n, p in model.named_parameters()}
         sizes = [unit_numel(u, shapes) for u in units]
         groups = group_units(units, units_per_group, hift_config.group_by, sizes)
@@ -254,10 +254,15 @@ def estimate(
         len(groups),
         units_per_group,
     )
+    rowgrad = row_gradient_names(model)
     # Candidate peaks per method: FPFT trains everything at once, HiFT one group at a time.
     candidates = {
         "fpft": [("all", [_Part(n, tuple(p.shape)) for n, p in named.items() if p.requires_grad])],
-        "hift": [(group_name(g), _parts(g, named, row_gradient_names(model))) for g in groups],
+        # The always-active parameters train beside every group: they are part of every peak.
+        "hift": [
+            (group_name(g), _parts((*g, *([always] if always else [])), named, rowgrad))
+            for g in groups
+        ],
     }
 
     activations = (
