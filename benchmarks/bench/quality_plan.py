@@ -82,8 +82,15 @@ class TaskPlan:
 _MINILM_SHORT = ("fpft", "badam-rec", "hift-a", "hift-b", "hift-c", "hift-d", "hift-defaults")
 _MINILM_LONG = ("fpft", "hift-defaults")
 _MINILM = TaskPlan(
-    Settings(methods=_MINILM_SHORT, test_samples=500),
-    Settings(train_samples=2000, evals=5, grid_from="short", max_extend=1, methods=_MINILM_LONG),
+    Settings(methods=_MINILM_SHORT, test_samples=500, seed_evals=1),
+    Settings(
+        train_samples=2000,
+        evals=5,
+        seed_evals=1,
+        grid_from="short",
+        max_extend=1,
+        methods=_MINILM_LONG,
+    ),
 )
 #: SmolLM2 steps cost ~4.5 s and evaluating 200 prompts ~26 s: only the rows that differ run
 #: ((b) is (a) without a new head), with 2 evaluations per run and 200 test prompts.
