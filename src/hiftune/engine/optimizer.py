@@ -18,7 +18,6 @@ row shards of a split parameter in :mod:`.shards`, and taking the model over and
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import ChainMap
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,15 +32,14 @@ from .delay import DelayedLR
 from .distributed import all_reduce_mean, should_sync, world_size
 from .handover import Handover
 from .inner import GroupStates, ParamGroupsFn
-from .order import group_order
 from .paging import StateStore, make_store
 from .precision import DTYPES, LossScaler
 from .rowgrad import row_gradient_owners
-from .schedule import Rotation, always_active_warnings
+from .schedule import split_groups
 from .shards import GroupTensors, take_grads
 from .state_dict import STATE_DICT_VERSION, Layout, class_name, validate_state_dict
 from .truncation import BackwardTruncation
-from .units import Unit, always_active_names, group_name, group_units, split_model, unit_numel
+from .units import Unit, group_name
 from .zero import StateSharding
 
 logger = logging.getLogger(__name__)
@@ -116,34 +114,20 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self.config = config if config is not None else HiFTConfig()
         self.model = model
         release_stale_claim(model)
-        self.units: list[Unit]
-        self.always_unit: Unit | None
-        self.units, self.always_unit = split_model(model, self.config)
+        split = split_groups(model, self.config)
+        self.units: list[Unit] = split.units
+        self.always_unit: Unit | None = split.always
         named = dict(model.named_parameters())
-        shapes = {n: p.shape for n, p in named.items()}
         # The units of each group, bottom-up. Everything per group below is indexed the same way
         # (by bottom-up group id b); self._rotation maps training positions to ids.
-        bottom_up = group_units(
-            self.units,
-            self.config.units_per_group,
-            self.config.group_by,
-            [unit_numel(u, shapes) for u in self.units],
-        )
+        bottom_up = split.groups
         self._group_units: list[tuple[Unit, ...]] = bottom_up
-        self._rotation = Rotation(
-            group_order(len(bottom_up), self.config.order, self.config.seed),
-            self.config.steps_per_group,
-        )
+        self._rotation = split.rotation(self.config)
         # The always-active parameters are one more group, id k (after the rotating ones): built,
         # cast, saved and handed back like the others, but never paged and never frozen.
-        self._always: int | None = None
-        if self.always_unit is not None:
-            self._always = len(bottom_up)
-            aliases = always_active_names(model, self.config.always_active)[1]
-            for message in always_active_warnings(self.always_unit, bottom_up, shapes, aliases):
-                warnings.warn(message, stacklevel=2)
+        self._always = None if split.always is None else len(bottom_up)
+        every = split.every
         owners = row_gradient_owners(model)
-        every = [*bottom_up, *([(self.always_unit,)] if self.always_unit is not None else [])]
         self._tensors = [GroupTensors.build(named, g, owners) for g in every]
         self._names = [t.names for t in self._tensors]
         # What each group's optimizer steps in the model's dtype (a row shard for some rows).

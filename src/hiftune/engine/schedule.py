@@ -17,11 +17,16 @@ options change that, both set in :class:`~hiftune.engine.config.HiFTConfig`:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .units import Unit, unit_numel
+from torch import nn
+
+from .config import HiFTConfig
+from .order import group_order
+from .units import Unit, always_active_names, group_units, split_model, unit_numel
 
 
 @dataclass
@@ -84,6 +89,50 @@ class Rotation:
         self.group_steps = int(meta.get("group_steps", 0))
         self.cycle = int(meta["cycle"])
         self.steps = int(meta["steps"])
+
+
+@dataclass(frozen=True)
+class Split:
+    """A model as HiFT trains it: rotating groups of units, and the always-active unit.
+
+    Attributes:
+        units: The rotating units, bottom-up.
+        groups: The units of each rotating group, bottom-up (group id b is ``groups[b]``).
+        always: The always-active unit, or ``None``.
+    """
+
+    units: list[Unit]
+    groups: list[tuple[Unit, ...]]
+    always: Unit | None
+
+    @property
+    def every(self) -> list[tuple[Unit, ...]]:
+        """Every group's units by id: the rotating ones, then the always-active unit (id k)."""
+        return [*self.groups, *([(self.always,)] if self.always is not None else [])]
+
+    def rotation(self, config: HiFTConfig) -> Rotation:
+        """A fresh queue over the rotating groups in ``config``'s order."""
+        order = group_order(len(self.groups), config.order, config.seed)
+        return Rotation(order, config.steps_per_group)
+
+
+def split_groups(model: nn.Module, config: HiFTConfig) -> Split:
+    """Splits ``model`` into units (:func:`~hiftune.engine.units.split_model`) and packs the
+    rotating ones into groups; warns when the always-active set is not cheap.
+
+    Raises:
+        ValueError: As :func:`~hiftune.engine.units.split_model` and
+            :func:`~hiftune.engine.units.group_units`.
+    """
+    units, always = split_model(model, config)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    sizes = [unit_numel(u, shapes) for u in units]
+    groups = group_units(units, config.units_per_group, config.group_by, sizes)
+    if always is not None:
+        aliases = always_active_names(model, config.always_active)[1]
+        for message in always_active_warnings(always, groups, shapes, aliases):
+            warnings.warn(message, stacklevel=3)
+    return Split(units, groups, always)
 
 
 def always_active_warnings(
