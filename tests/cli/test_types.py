@@ -6,7 +6,13 @@ import argparse
 
 import pytest
 
-from hiftune.cli.types import add_split_arguments, split_config, unit_budget
+from hiftune.cli.types import (
+    add_split_arguments,
+    positive_float,
+    split_config,
+    unit_budget,
+    units_per_group,
+)
 
 
 @pytest.mark.parametrize(
@@ -36,3 +42,15 @@ def test_split_options_become_the_engine_config() -> None:
     args = parser.parse_args(["--max-unit-params", "none", "--group-by", "size"])
     config = split_config(args)
     assert (config.max_unit_params, config.group_by) == (None, "size")
+
+
+def test_units_per_group_and_positive_float() -> None:
+    assert units_per_group("auto") == "auto" and units_per_group(" Auto") == "auto"
+    assert units_per_group("3") == 3
+    for bad in ("0", "2.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="integer >= 1 or auto"):
+            units_per_group(bad)
+    assert positive_float("3") == 3.0 and positive_float("0.5") == 0.5
+    for bad in ("0", "-1", "inf", "nan", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_float(bad)

@@ -11,6 +11,7 @@ from hiftune.engine.units import group_name, group_units, split_units
 from hiftune.memory.estimate import estimate
 from hiftune.recipes.config import TrainRecipeConfig
 from hiftune.recipes.plan import build_plan, compress_names
+from hiftune.recipes.schedule import AlwaysActive, resolve_schedule
 
 
 def test_compress_names() -> None:
@@ -81,3 +82,71 @@ def test_plan_names_what_it_cannot_work_out(llama) -> None:
         llama.config = config
     assert plan.hift is None and any("no memory estimate" in n for n in plan.notes)
     assert plan.units and "full fine-tuning" in plan.format()
+
+
+@pytest.fixture(scope="module")
+def llama10(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny llama of 8 blocks: 10 units (embed, layers.0-7, head)."""
+    from transformers import AutoModelForCausalLM
+
+    from recipes.conftest import make_llama
+
+    path = make_llama(tmp_path_factory.mktemp("llama10"), num_hidden_layers=8)
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_budget_guard_names_the_groups_never_trained(llama10) -> None:
+    # The issue's case: 8 steps over 10 groups trained the head group never, and nothing said so.
+    cfg = TrainRecipeConfig(units_per_group=1, max_steps=8, max_length=16)
+    schedule = resolve_schedule(cfg, n_units=10, total_steps=8)
+    plan = build_plan(llama10, cfg, name="tiny", schedule=schedule)
+    assert plan.updates == [1] * 8 + [0, 0] and plan.total_steps == 8
+    warning = (
+        "8 optimizer steps over 10 groups of m=1: layers.7, head are never trained, fewer than "
+        "the 8 updates each group should get; --units-per-group 10 gives 8 updates per group "
+        "or --max-steps 80 gives every group 8"
+    )
+    assert plan.warnings == [warning]
+    text = plan.format()
+    assert (
+        "  updates: 8 steps = 0 cycles of 10 groups and 8 steps: 1 update for embed, "
+        "layers.0-6; none for layers.7, head\n"
+    ) in text
+    assert text.endswith(f"  warning: {warning}")
+    assert plan.to_dict()["warnings"] == [warning]  # report.json keeps it
+    # An epoch-based run is told in epochs; K steps per group count in the budget.
+    cfg = TrainRecipeConfig(units_per_group=2, steps_per_group=3, max_length=16)
+    schedule = resolve_schedule(cfg, n_units=10, total_steps=40)
+    plan = build_plan(llama10, cfg, name="tiny", schedule=schedule, steps_per_epoch=20)
+    assert plan.updates == [9, 9, 9, 7, 6]
+    assert plan.budget == (
+        "40 steps = 2 cycles of 5 groups x 3 steps and 10 steps: 9 updates for embed..layers.0, "
+        "layers.1-4; 7 updates for layers.5-6; 6 updates for layers.7..head"
+    )
+    assert plan.warnings == [
+        "40 optimizer steps over 5 groups of m=2 (3 steps per visit): layers.5-6, layers.7..head "
+        "get only 6-7 updates, fewer than the 8 updates each group should get; "
+        "--units-per-group 3 gives 9 updates per group or --epochs 2.2 (44 steps) gives every "
+        "group 8"
+    ]
+
+
+def test_plan_states_the_schedule(llama10) -> None:
+    cfg = TrainRecipeConfig(units_per_group="auto", always_active_lr_scale=3, max_length=16)
+    head = AlwaysActive(("model\\.norm\\.weight",), ("model.norm.weight",))
+    schedule = resolve_schedule(cfg, always=head, n_units=9, total_steps=200)
+    plan = build_plan(llama10, cfg, name="tiny", schedule=schedule)
+    assert plan.units_per_group == 1 and plan.warnings == []
+    assert plan.groups == ["embed", *[f"layers.{i}" for i in range(8)]]  # no head: always active
+    lines = plan.format().splitlines()
+    assert "  units per group: m=1, auto: the smallest m whose groups each get at least 8 " in (
+        "\n".join(lines)
+    )
+    assert (
+        "  updates: 200 steps = 22 cycles of 9 groups and 2 steps: 23 updates for embed, "
+        "layers.0; 22 updates for layers.1-7"
+    ) in lines
+    assert "  always active: model.norm.weight (lr x3)" in lines
+    # Without a budget (no step count) or for FPFT, there is nothing to warn about.
+    fpft = build_plan(llama10, TrainRecipeConfig(method="fpft", max_length=16), name="t")
+    assert fpft.budget is None and fpft.warnings == [] and "always active" not in fpft.format()

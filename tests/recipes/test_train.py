@@ -326,6 +326,125 @@ def test_error_resume_without_checkpoint(capsys, tmp_path: Path) -> None:
     assert_one_line_error(code, err, "is not a directory")
 
 
+# --- the schedule options (issue 19) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("always", ["auto", "none"])
+def test_always_active_trains_a_new_head_at_every_step(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_bert: Path, cls_jsonl: Path,
+    always: str,
+) -> None:  # fmt: skip
+    # Two steps train the two embedding units only: the new classifier moves only if it is
+    # trained beside them.
+    code, out, err = run_cli(
+        capsys, "--model", tiny_bert, "--task", "seq-cls", "--data", cls_jsonl, *CLS, *FAST,
+        "--max-steps", "2", "--lr", "1e-2", "--always-active", always,
+        "--always-active-lr-scale", "3", "--no-zero-shot", "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [s["group"] for s in report["per_step"]] == report["plan"]["groups"][:2]
+    import transformers
+
+    from hiftune.recipes.models import load_model_and_tokenizer
+
+    transformers.set_seed(0)  # the recipe's seed: the same fresh head
+    base, _ = load_model_and_tokenizer(tiny_bert, "seq-cls")
+    tuned = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    moved = not torch.equal(base.classifier.weight, tuned.classifier.weight)
+    if always == "auto":
+        assert "  always active: classifier.weight, classifier.bias (lr x3)" in out
+        assert report["plan"]["always_active"] == ["classifier.weight", "classifier.bias"]
+        assert moved and "classifier" not in report["plan"]["groups"][-1]
+    else:
+        assert "always active" not in out and report["plan"]["always_active"] == []
+        assert not moved
+
+
+def test_budget_guard_warns_of_groups_never_trained(
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    tiny_llama: Path,
+    cls_jsonl: Path,
+) -> None:
+    code, out, err = run_cli(
+        capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, *FAST, "--max-steps", "2",
+        "--no-zero-shot", "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+    warning = (
+        "2 optimizer steps over 4 groups of m=1: layers.1, head are never trained, fewer than "
+        "the 8 updates each group should get; --max-steps 32 gives every group 8"
+    )
+    assert "  updates: 2 steps = 0 cycles of 4 groups and 2 steps: 1 update for embed, " in out
+    assert f"  warning: {warning}" in out
+    assert any(r.levelname == "WARNING" and r.getMessage() == warning for r in caplog.records)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["plan"]["warnings"] == [warning] and report["plan"]["updates"] == [1, 1, 0, 0]
+    assert f"- warning: {warning}" in (tmp_path / "report.md").read_text()
+    # An epoch-based run is counted the way the Trainer counts it: 36 examples, batch 4.
+    code, out, err = run_cli(
+        capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, *FAST[:2], "--units-per-group",
+        "1", "--epochs", "2", "--no-zero-shot", "--output-dir", tmp_path, "--overwrite-output-dir",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["plan"]["total_steps"] == report["steps"] == 18
+    assert "--epochs 3.56 (32 steps) gives every group 8" in report["plan"]["warnings"][0]
+
+
+def test_units_per_group_auto_and_steps_per_group(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_llama: Path, cls_jsonl: Path
+) -> None:
+    args = ["--model", tiny_llama, "--data", cls_jsonl, *CLS, "--batch-size", "4", "--no-zero-shot"]
+    code, out, err = run_cli(
+        capsys, *args, "--max-steps", "16", "--units-per-group", "auto", "--output-dir", tmp_path
+    )
+    assert code == 0, err
+    # 4 units in 16 steps: 2 groups get 8 updates each, 4 groups only 4.
+    assert (
+        "  units per group: m=2, auto: the smallest m whose groups each get at least 8 updates "
+        "in 16 steps"
+    ) in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["plan"]["units_per_group"] == 2 and report["hift_groups"] == 2
+    assert report["plan"]["warnings"] == []
+
+    # K = 2 steps per group; the learning rate falls once per cycle of k * K = 8 steps.
+    code, out, err = run_cli(
+        capsys, *args, "--max-steps", "16", "--units-per-group", "1", "--steps-per-group", "2",
+        "--output-dir", tmp_path, "--overwrite-output-dir",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "groups: 4 of m=1 units, bottom2up, 2 steps each in turn" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    groups = ["embed", "embed", "layers.0", "layers.0", "layers.1", "layers.1", "head", "head"]
+    assert [s["group"] for s in report["per_step"]] == groups * 2
+    assert report["hift_cycles"] == 2
+    lrs = [s["lr"] for s in report["per_step"]]
+    assert lrs[:8] == [1e-4] * 8 and lrs[8:] == [pytest.approx(5e-5)] * 8  # linear, 2 cycles
+
+
+def test_a_resumed_auto_run_keeps_its_split(
+    capsys, monkeypatch, tmp_path: Path, tiny_llama: Path, cls_jsonl: Path
+) -> None:
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 1)
+        code, _, _ = run_cli(
+            capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, "--batch-size", "4",
+            "--max-steps", "8", "--units-per-group", "auto", "--no-zero-shot",
+            "--output-dir", tmp_path,
+        )  # fmt: skip
+    assert code == 130
+    # 32 steps would choose m=1 afresh; the checkpoint holds the m=4 split.
+    code, out, err = run_cli(capsys, "--resume", tmp_path / "checkpoint-1", "--max-steps", "32")
+    assert code == 0, err
+    assert "units per group: m=4, auto, as chosen when the resumed run started" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["steps"] == 32 and report["hift_groups"] == 1
+
+
 # --- interrupt and resume ----------------------------------------------------------------------
 
 

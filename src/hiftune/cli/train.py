@@ -26,7 +26,8 @@ from ..recipes.config import (
 )
 from ..recipes.models import DTYPES, PRESETS, TASKS
 from ..recipes.report import format_metrics
-from .types import unit_budget
+from ..recipes.schedule import MIN_UPDATES
+from .types import positive_float, positive_int, unit_budget, units_per_group
 
 #: Exit code of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT); SIGTERM gives
 #: 143 and SIGHUP 129, the codes a scheduler expects of a job its signal ended.
@@ -187,7 +188,31 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=S, help=f"(default {d.seed})")
     g = parser.add_argument_group("HiFT")
     g.add_argument(
-        "--units-per-group", type=int, default=S, help=f"m (default {d.units_per_group})"
+        "--units-per-group",
+        type=units_per_group,
+        default=S,
+        help=f"m, units trained together; auto: the smallest m whose groups each get "
+        f"{MIN_UPDATES} updates in the run's steps (default {d.units_per_group})",
+    )
+    g.add_argument(
+        "--steps-per-group",
+        type=positive_int,
+        default=S,
+        help="K, optimizer steps each group takes before the next one; a cycle is k x K steps "
+        f"(default {d.steps_per_group})",
+    )
+    g.add_argument(
+        "--always-active",
+        default=S,
+        help="parameters trained at every step beside the groups: auto = those the checkpoint "
+        "did not have (a new classification head) if small and untied; none; or "
+        f"comma-separated regexes of parameter names, matched in full (default {d.always_active})",
+    )
+    g.add_argument(
+        "--always-active-lr-scale",
+        type=positive_float,
+        default=S,
+        help=f"factor on their learning rate (default {d.always_active_lr_scale:g})",
     )
     g.add_argument(
         "--max-unit-params",

@@ -281,7 +281,7 @@ class HiFTTrainerMixin(_TrainerBase):
             hift = unwrap_hift(optimizer if optimizer is not None else self.optimizer)
             if hift is None:
                 raise RuntimeError("HiFTTrainer needs its HiFTOptimizer; create_optimizer first")
-            k = hift.num_groups
+            k = hift.steps_per_cycle  # k groups x K steps each (HiFTConfig.steps_per_group)
             cycles = max(1, math.ceil(num_training_steps / k))
             warmup = math.ceil(self.args.get_warmup_steps(num_training_steps) / k)
             scheduler = get_scheduler(

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,16 @@ from .arguments import TRAINING_ARGS, check_training_args, normalize
 from .checkpoints import find_checkpoint
 from .data import DEFAULT_TEMPLATE
 from .models import DEFAULT_MODEL, DTYPES, TASKS
+from .schedule import (
+    ALWAYS_ACTIVE,
+    ALWAYS_ACTIVE_LR_SCALE,
+    FALLBACK_UNITS_PER_GROUP,
+    STEPS_PER_GROUP,
+    UNITS_PER_GROUP,
+    parse_always_active,
+    parse_units_per_group,
+    refuse_for_fpft,
+)
 
 #: Learning-rate schedules (``transformers``' ``lr_scheduler_type`` names; HiFT counts them in
 #: cycles). Their own options go in ``lr_scheduler_kwargs``.
@@ -96,6 +106,17 @@ class TrainRecipeConfig:
             ``runs/<model>-<task>-<method>``; for a resumed run, the checkpoint's directory).
         overwrite_output_dir: Start a new run in an output directory that holds another run
             (its checkpoints, run file and report are removed first); without it that is refused.
+        units_per_group: HiFT's m, or ``"auto"``: the smallest m whose groups each get
+            :data:`~hiftune.recipes.schedule.MIN_UPDATES` updates in the run's steps (see
+            :mod:`hiftune.recipes.schedule`).
+        always_active: Parameters HiFT trains at every step beside the rotating groups:
+            ``"auto"`` (the parameters the checkpoint did not contain, e.g. a new
+            classification head, when they are few and untied), ``"none"``, or regexes matched in
+            full against parameter names (a list, or one comma-separated string). ``--method
+            fpft`` trains every parameter at every step anyway.
+        always_active_lr_scale: Factor on the always-active parameters' learning rate.
+        steps_per_group: K, consecutive optimizer steps per group before the next one (a cycle
+            is k * K steps).
         shard_state: Under ``torchrun`` / ``accelerate launch``, keep each HiFT group's paged
             optimizer state on one rank only (``HiFTConfig.shard_state``; ``precision`` fp32
             only; see docs/distributed.md).
@@ -134,7 +155,7 @@ class TrainRecipeConfig:
     max_steps: int | None = None
     batch_size: int = 8
     grad_accum: int = 1
-    units_per_group: int = 4
+    units_per_group: int | str = UNITS_PER_GROUP
     # "auto" (the largest block), "none"/None (the paper's units), or a number of parameters.
     max_unit_params: int | str | None = "auto"
     group_by: str = "count"
@@ -142,6 +163,9 @@ class TrainRecipeConfig:
     offload: str = "host"
     precision: str = "fp32"
     shard_state: bool = False
+    always_active: str | list[str] = ALWAYS_ACTIVE
+    always_active_lr_scale: float = ALWAYS_ACTIVE_LR_SCALE
+    steps_per_group: int = STEPS_PER_GROUP
     scheduler: str = "linear"
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
@@ -199,14 +223,19 @@ class TrainRecipeConfig:
             isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1
         ) or isinstance(self.eval_fraction, bool):
             raise UserError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        self.units_per_group = parse_units_per_group(self.units_per_group)
         for name in (
             "batch_size",
             "grad_accum",
-            "units_per_group",
             "max_length",
             "eval_batch_size",
+            "steps_per_group",
         ):
             _check_int(name, getattr(self, name), 1)
+        self.always_active = parse_always_active(self.always_active)
+        scale = self.always_active_lr_scale
+        if not _is_number(scale) or not (scale > 0 and math.isfinite(scale)):
+            raise UserError(f"always_active_lr_scale must be a number > 0, got {scale!r}")
         for name in ("train_samples", "eval_samples"):
             # None: the data's default (the bundled demo's subset; a user's data whole).
             value = getattr(self, name)
@@ -249,6 +278,8 @@ class TrainRecipeConfig:
             raise UserError(f"shard_state must be true or false, got {self.shard_state!r}")
         if self.shard_state and self.method != "hift":
             raise UserError("shard_state is HiFT's sharded optimizer state; it needs --method hift")
+        if self.method == "fpft":
+            refuse_for_fpft(self)
         if self.method == "hift":
             try:  # the engine's own checks of the combination (shard_state needs fp32)
                 self.hift_config()
@@ -270,13 +301,31 @@ class TrainRecipeConfig:
         """The config as plain JSON values."""
         return dataclasses.asdict(self)
 
-    def hift_config(self) -> HiFTConfig:
+    def hift_config(
+        self, *, units_per_group: int | None = None, always_active: Sequence[str] | None = None
+    ) -> HiFTConfig:
         """The engine's :class:`~hiftune.engine.config.HiFTConfig` of this run (its HiFT fields).
 
         The one place the recipe's options become the engine's, for training and for the plan.
+        ``"auto"`` options are settled against the loaded model by
+        :func:`~hiftune.recipes.schedule.resolve_schedule`, whose values come in here.
+
+        Args:
+            units_per_group: m as resolved; default: the configured m (for ``"auto"``,
+                :data:`~hiftune.recipes.schedule.FALLBACK_UNITS_PER_GROUP`).
+            always_active: The always-active regexes as resolved; default: the configured
+                regexes (none for ``"auto"`` and ``"none"``).
         """
+        if units_per_group is None:
+            configured = self.units_per_group
+            units_per_group = (
+                configured if isinstance(configured, int) else FALLBACK_UNITS_PER_GROUP
+            )
+        if always_active is None:
+            configured_always = self.always_active
+            always_active = configured_always if isinstance(configured_always, list) else ()
         return HiFTConfig(
-            units_per_group=self.units_per_group,
+            units_per_group=units_per_group,
             max_unit_params=self.max_unit_params,  # type: ignore[arg-type]
             group_by=self.group_by,  # type: ignore[arg-type]
             order=self.order,  # type: ignore[arg-type]
@@ -284,6 +333,9 @@ class TrainRecipeConfig:
             offload=self.offload,  # type: ignore[arg-type]
             precision=self.precision,  # type: ignore[arg-type]
             shard_state=self.shard_state,
+            always_active=tuple(always_active),
+            always_active_lr_scale=self.always_active_lr_scale,
+            steps_per_group=self.steps_per_group,
         )
 
 
@@ -326,6 +378,10 @@ def _numbers_from_text(cfg: TrainRecipeConfig) -> None:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
 def config_keys() -> frozenset[str]:

@@ -27,11 +27,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from ..engine.config import HiFTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +336,8 @@ def load_model_and_tokenizer(
     num_labels: int = 2,
     name: str | None = None,
     dtype: str = "fp32",
-) -> tuple[Any, Any]:
+    loading_info: bool = False,
+) -> tuple[Any, ...]:
     """Loads the model for ``task`` and its tokenizer, with a pad token.
 
     Args:
@@ -343,9 +347,12 @@ def load_model_and_tokenizer(
         num_labels: Number of classes for ``seq-cls``.
         name: How to call the model in error messages (default: ``source``'s name).
         dtype: A name of :data:`DTYPES` (default ``fp32``).
+        loading_info: Also return the names of the weights the checkpoint did not contain
+            (initialised afresh, e.g. a new classification head; tied weights included), which
+            ``--always-active auto`` trains at every step.
 
     Returns:
-        ``(model, tokenizer)``.
+        ``(model, tokenizer)``, or ``(model, tokenizer, new_weights)`` with ``loading_info``.
 
     Raises:
         ModelError: If the model cannot do ``task`` (no architecture for it, or no trained LM head
@@ -401,7 +408,8 @@ def load_model_and_tokenizer(
         raise ModelError(f"{name} cannot do --task {task}: {first_line(e)}") from e
     except OSError as e:
         raise ModelError(f"cannot load the weights of {name}: {first_line(e)}") from e
-    missing = [k for k in info.get("missing_keys", []) if k not in _tied_keys(model)]
+    new_weights = sorted(info.get("missing_keys", []))
+    missing = [k for k in new_weights if k not in _tied_keys(model)]
     if task in CAUSAL_TASKS and missing:
         raise ModelError(
             f"{name} has no trained language-modelling head ({len(missing)} missing weights, e.g. "
@@ -409,6 +417,8 @@ def load_model_and_tokenizer(
         )
     if task == "seq-cls":
         model.config.pad_token_id = tokenizer.pad_token_id
+    if loading_info:
+        return model, tokenizer, new_weights
     return model, tokenizer
 
 
@@ -422,15 +432,25 @@ def max_positions(config: Any) -> int | None:
 
 
 def check_model_fits(
-    model: Any, *, max_length: int, units_per_group: int | None, name: str
-) -> None:
+    model: Any,
+    *,
+    max_length: int,
+    units_per_group: int | str | None,
+    name: str,
+    config: HiFTConfig | None = None,
+) -> int | None:
     """Checks the settings that depend on the loaded model, before anything is trained.
 
     Args:
         model: The loaded model.
         max_length: Tokens per example (``--max-length``).
-        units_per_group: HiFT's m (``None`` for ``--method fpft``).
+        units_per_group: HiFT's m (``"auto"``: any; ``None`` for ``--method fpft``).
         name: How to call the model in error messages.
+        config: The run's HiFT configuration, for the split (its always-active parameters are
+            no unit).
+
+    Returns:
+        The model's number of HiFT units (``None`` for ``--method fpft``).
 
     Raises:
         ModelError: If ``max_length`` exceeds the model's positions, or ``units_per_group`` its
@@ -443,18 +463,19 @@ def check_model_fits(
             f"use --max-length {positions} or less"
         )
     if units_per_group is None:
-        return
+        return None
     from ..engine.units import split_units
 
     try:
-        n = len(split_units(model))
+        n = len(split_units(model, config))
     except ValueError as e:
         raise ModelError(f"cannot split {name} into HiFT units: {first_line(e)}") from e
-    if units_per_group > n:
+    if isinstance(units_per_group, int) and units_per_group > n:
         raise ModelError(
             f"--units-per-group {units_per_group} is more than the {n} units of {name}; "
             f"use 1 to {n} (HiFT trains one group of units per step)"
         )
+    return n
 
 
 def _has_causal_lm_head(config: Any) -> bool:

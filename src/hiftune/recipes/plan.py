@@ -1,7 +1,9 @@
-"""What a run is about to do, stated before training: units, groups, memory, data.
+"""What a run is about to do, stated before training: units, groups, schedule, memory, data.
 
 :func:`build_plan` describes the loaded model's HiFT split (the same
-:func:`~hiftune.memory.inspect.inspect_split` that ``hiftune inspect`` shows) and the memory
+:func:`~hiftune.memory.inspect.inspect_split` that ``hiftune inspect`` shows), the schedule
+(:mod:`.schedule`: m and why, the always-active parameters, how many updates each group gets in
+the run's steps, with a warning when a group would get too few) and the memory
 :func:`~hiftune.memory.estimate.estimate` predicts for HiFT and for full fine-tuning with this
 run's optimizer, precision, batch size and sequence length. The recipe logs it (or hands it to
 the caller's ``on_plan``, which the command line prints) and keeps it in ``report.json``.
@@ -9,6 +11,7 @@ the caller's ``on_plan``, which the command line prints) and keeps it in ``repor
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +22,14 @@ from torch import nn
 from ..errors import first_line
 from ..memory.estimate import EstimateRow, estimate
 from ..memory.inspect import inspect_split
+from .schedule import (
+    MIN_UPDATES,
+    Schedule,
+    choose_units_per_group,
+    resolve_schedule,
+    steps_for_updates,
+    updates_per_group,
+)
 
 #: Groups listed by name in :meth:`Plan.format`; longer lists show their ends.
 SHOWN_GROUPS = 6
@@ -80,7 +91,16 @@ class Plan:
         data: How the data was split (from the data loader), if it said.
         train_examples: Training examples.
         eval_examples: Evaluation examples.
-        notes: What could not be worked out, and why.
+        units_reason: Why this m, when ``units_per_group="auto"`` chose it.
+        steps_per_group: K, consecutive steps per group.
+        total_steps: The run's optimizer steps, if known.
+        updates: Updates (optimizer steps) of each group in training order, if the steps are
+            known.
+        budget: How the steps fall on the groups, in words.
+        always_active: Parameters trained at every step beside the groups.
+        always_active_lr_scale: The factor on their learning rate.
+        notes: What could not be worked out, and why; choices worth knowing.
+        warnings: What will likely go wrong (a group trained too few times), and what to change.
     """
 
     model: str
@@ -101,7 +121,15 @@ class Plan:
     data: str | None = None
     train_examples: int | None = None
     eval_examples: int | None = None
+    units_reason: str | None = None
+    steps_per_group: int = 1
+    total_steps: int | None = None
+    updates: list[int] = field(default_factory=list)
+    budget: str | None = None
+    always_active: list[str] = field(default_factory=list)
+    always_active_lr_scale: float = 1.0
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (memory figures in MiB, with their totals)."""
@@ -121,7 +149,10 @@ class Plan:
             shown = [compress_names([g]) for g in self.groups]
             if len(shown) > SHOWN_GROUPS:
                 shown = [*shown[: SHOWN_GROUPS - 2], "...", *shown[-2:]]
-            trained = "one per step" if self.method == "hift" else "HiFT's, not used by FPFT"
+            trained = "HiFT's, not used by FPFT"
+            if self.method == "hift":
+                k = self.steps_per_group
+                trained = f"{k} steps each in turn" if k > 1 else "one per step"
             lines.append(
                 f"  groups: {len(self.groups)} of m={self.units_per_group} units, {self.order}, "
                 f"{trained}: {', '.join(shown)}"
@@ -129,6 +160,15 @@ class Plan:
             lines.append(
                 f"  largest group: {compress_names([self.peak_group])} "
                 f"({_count(self.peak_group_params)} parameters)"
+            )
+        if self.units_reason:
+            lines.append(f"  units per group: m={self.units_per_group}, {self.units_reason}")
+        if self.method == "hift" and self.budget:
+            lines.append(f"  updates: {self.budget}")
+        if self.method == "hift" and self.always_active:
+            lines.append(
+                f"  always active: {', '.join(self.always_active)} "
+                f"(lr x{self.always_active_lr_scale:g})"
             )
         if self.hift is not None and self.fpft is not None:
             # The memory peak may be another group than the largest one: a row shard's step
@@ -147,6 +187,7 @@ class Plan:
                 "evaluation"
             )
         lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -155,6 +196,8 @@ def build_plan(
     cfg: Any,
     *,
     name: str,
+    schedule: Schedule | None = None,
+    steps_per_epoch: int | None = None,
     data: str | None = None,
     train_examples: int | None = None,
     eval_examples: int | None = None,
@@ -162,24 +205,33 @@ def build_plan(
     """Describes the run of ``cfg`` on the loaded ``model``.
 
     Never raises for what it cannot work out (a model the estimator cannot rebuild from its
-    config, say): that part is left out and named in :attr:`Plan.notes`.
+    config, say): that part is left out and named in :attr:`Plan.notes`. A HiFT run whose groups
+    would get fewer than :data:`~hiftune.recipes.schedule.MIN_UPDATES` updates each gets a
+    warning in :attr:`Plan.warnings` naming what to change.
 
     Args:
         model: The loaded model (not changed).
         cfg: The run's :class:`~hiftune.recipes.config.TrainRecipeConfig`.
         name: The model's name.
+        schedule: The run's resolved schedule (:func:`~hiftune.recipes.schedule.resolve_schedule`;
+            default: ``cfg``'s, with ``auto`` options at their fallbacks and no step count).
+        steps_per_epoch: Optimizer steps per epoch of an epoch-based run (a too-short budget's
+            fix is then said in epochs).
         data: How the data was split, to state it.
         train_examples: Training examples.
         eval_examples: Evaluation examples.
     """
     head = "seq-cls" if cfg.task == "seq-cls" else "causal-lm"
+    schedule = schedule or resolve_schedule(cfg)
+    m = schedule.units_per_group
+    hift_config = cfg.hift_config(units_per_group=m, always_active=schedule.always_active)
     plan = Plan(
         model=name,
         method=cfg.method,
         params=sum(p.numel() for p in model.parameters()),
         units=[],
         groups=[],
-        units_per_group=cfg.units_per_group,
+        units_per_group=m,
         order=cfg.order,
         peak_group="",
         peak_group_params=0,
@@ -190,15 +242,21 @@ def build_plan(
         data=data,
         train_examples=train_examples,
         eval_examples=eval_examples,
+        units_reason=schedule.units_reason,
+        steps_per_group=schedule.steps_per_group,
+        total_steps=schedule.total_steps,
+        always_active=list(schedule.always_active_names),
+        always_active_lr_scale=schedule.always_active_lr_scale,
+        notes=list(schedule.notes),
     )
     try:
         split = inspect_split(
             model,
-            units_per_group=cfg.units_per_group,
+            units_per_group=m,
             order=cfg.order,
             seed=cfg.seed,
             precision=cfg.precision,
-            config=cfg.hift_config(),
+            config=hift_config,
             check_gradients=False,
         )
     except Exception as e:  # informative only: a run must not stop over its plan
@@ -208,11 +266,13 @@ def build_plan(
         plan.groups = [g.name for g in split.groups]
         plan.peak_group = split.peak_group
         plan.peak_group_params = max(g.params for g in split.groups)
+        if cfg.method == "hift" and schedule.total_steps is not None:
+            _state_budget(plan, schedule, steps_per_epoch)
     try:
         rows = estimate(
             model.config,  # rebuilt on the meta device: nothing of the loaded model is touched
-            units_per_group=cfg.units_per_group,
-            config=cfg.hift_config(),
+            units_per_group=m,
+            config=hift_config,
             optimizers=[cfg.optimizer],
             precisions=[cfg.precision],
             task=head,
@@ -227,6 +287,66 @@ def build_plan(
         plan.hift = MemoryFigure.of(by_method["hift"])
         plan.fpft = MemoryFigure.of(by_method["fpft"])
     return plan
+
+
+def _state_budget(plan: Plan, schedule: Schedule, steps_per_epoch: int | None) -> None:
+    """How the run's steps fall on the groups, and a warning when a group gets too few."""
+    total, per_group, groups = schedule.total_steps or 0, schedule.steps_per_group, plan.groups
+    k = len(groups)
+    plan.updates = updates_per_group(total, k, per_group)
+    cycles = total // (k * per_group)
+    visits = f" x {per_group} steps" if per_group > 1 else ""
+    plan.budget = (
+        f"{total} steps = {cycles} cycle{'' if cycles == 1 else 's'} of {k} "
+        f"group{'' if k == 1 else 's'}{visits}"
+    )
+    if len(set(plan.updates)) == 1:
+        plan.budget += f": {_updates(plan.updates[0])} per group"
+    else:
+        parts = [
+            f"{_updates(u) if u else 'none'} for {_named(groups, plan.updates, u)}"
+            for u in sorted(set(plan.updates), reverse=True)
+        ]
+        plan.budget += f" and {total % (k * per_group)} steps: {'; '.join(parts)}"
+    fewest = min(plan.updates)
+    if fewest >= MIN_UPDATES:
+        return
+    if fewest == 0:
+        never = [g for g, u in zip(groups, plan.updates, strict=True) if u == 0]
+        what = f"{compress_names(never)} {'is' if len(never) == 1 else 'are'} never trained"
+    else:
+        few = sorted({u for u in plan.updates if u < MIN_UPDATES})
+        counts = f"{few[0]}-{few[-1]}" if len(few) > 1 else str(few[0])
+        low = [g for g, u in zip(groups, plan.updates, strict=True) if u < MIN_UPDATES]
+        verb = "gets" if len(low) == 1 else "get"
+        who = "every group gets" if len(low) == k else f"{compress_names(low)} {verb}"
+        what = f"{who} only {counts} update{'' if counts == '1' else 's'}"
+    fixes = []
+    n = schedule.n_units
+    if n is not None:  # a larger m, if one gives every group enough
+        better = choose_units_per_group(n, total, per_group)
+        got = updates_per_group(total, math.ceil(n / better), per_group)[-1]
+        if better != plan.units_per_group and got >= MIN_UPDATES:
+            fixes.append(f"--units-per-group {better} gives {_updates(got)} per group")
+    needed = steps_for_updates(k, per_group, MIN_UPDATES)
+    if steps_per_epoch:
+        epochs = -(-needed * 100 // steps_per_epoch) / 100  # rounded up, in integers
+        fixes.append(f"--epochs {epochs:g} ({needed} steps) gives every group {MIN_UPDATES}")
+    else:
+        fixes.append(f"--max-steps {needed} gives every group {MIN_UPDATES}")
+    plan.warnings.append(
+        f"{total} optimizer steps over {k} groups of m={plan.units_per_group}"
+        f"{f' ({per_group} steps per visit)' if per_group > 1 else ''}: {what}, fewer than the "
+        f"{MIN_UPDATES} updates each group should get; {' or '.join(fixes)}"
+    )
+
+
+def _named(groups: Sequence[str], updates: Sequence[int], count: int) -> str:
+    return compress_names([g for g, u in zip(groups, updates, strict=True) if u == count])
+
+
+def _updates(n: int) -> str:
+    return f"{n} update{'' if n == 1 else 's'}"
 
 
 def compress_names(names: Sequence[str]) -> str:

@@ -184,6 +184,16 @@ def _plan_lines(plan: Mapping[str, Any] | None) -> list[str]:
             f"m={plan['units_per_group']}; largest group {plan['peak_group']} "
             f"({plan['peak_group_params'] / 1e6:.1f}M parameters)"
         )
+    if plan.get("units_reason"):
+        out.append(f"- units per group: m={plan['units_per_group']}, {plan['units_reason']}")
+    if plan.get("method") == "hift" and plan.get("budget"):
+        out.append(f"- updates: {plan['budget']}")
+    if plan.get("method") == "hift" and plan.get("always_active"):
+        out.append(
+            f"- always active: {', '.join(plan['always_active'])} "
+            f"(lr x{plan['always_active_lr_scale']:g})"
+        )
+    out += [f"- warning: {w}" for w in plan.get("warnings") or []]
     hift, fpft = plan.get("hift"), plan.get("fpft")
     if hift and fpft:
         out.append(

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -64,6 +65,7 @@ from .report import format_metrics, write_report
 from .rundir import OutputDir, is_main_process, launched_processes, on_main, owned_process_group
 from .safe_io import check_output_dir, checkpoint_writes, save_final_model
 from .samples import SAMPLES, generate, held_out_prompts, samples_record
+from .schedule import NONE, Schedule, planned_steps, resolve_always_active, resolve_schedule
 from .sources import data_identity
 from .tasks import ListDataset, Task, build_task
 
@@ -171,16 +173,24 @@ class Recipe:
         on_main(lambda: held.enter_context(out))
         # Options TrainingArguments refuses, before the slow part too (only now: building one
         # resets accelerate's process state, which a run holding this directory may be using).
-        training_arguments(cfg, out_dir)
+        args = training_arguments(cfg, out_dir)
         transformers.set_seed(cfg.seed)  # seeds a new classification head, too
-        model, tokenizer = load_model_and_tokenizer(
-            source, cfg.task, num_labels=len(classes or [0, 1]), name=cfg.model, dtype=cfg.dtype
+        model, tokenizer, new_weights = load_model_and_tokenizer(
+            source,
+            cfg.task,
+            num_labels=len(classes or [0, 1]),
+            name=cfg.model,
+            dtype=cfg.dtype,
+            loading_info=True,
         )
-        check_model_fits(
+        hift = cfg.method == "hift"
+        always = resolve_always_active(model, cfg.always_active if hift else NONE, new_weights)
+        n_units = check_model_fits(
             model,
             max_length=cfg.max_length,
-            units_per_group=cfg.units_per_group if cfg.method == "hift" else None,
+            units_per_group=cfg.units_per_group if hift else None,
             name=cfg.model,
+            config=cfg.hift_config(always_active=always.patterns),
         )
         identity = self._identity(source, classes)
         saved = self._check_resume(checkpoint, identity) if checkpoint is not None else None
@@ -195,11 +205,31 @@ class Recipe:
         meta["eval_split"] = examples.eval_split  # the split evaluated on (cfg.eval_split: None)
         if saved is not None:
             meta["zero_shot"] = saved.get("zero_shot")
+        # The run's optimizer steps as the Trainer will count them, for the update budget.
+        count_steps = functools.partial(
+            planned_steps,
+            len(train_ds),
+            batch_size=args.train_batch_size,
+            grad_accum=args.gradient_accumulation_steps,
+            processes=args.world_size,
+            drop_last=args.dataloader_drop_last,
+        )
+        schedule = resolve_schedule(
+            cfg,
+            always=always,
+            n_units=n_units,
+            total_steps=count_steps(epochs=args.num_train_epochs, max_steps=args.max_steps),
+            # A resumed auto run keeps the split its checkpoint holds.
+            resumed_units_per_group=((saved or {}).get("schedule") or {}).get("units_per_group"),
+        )
+        meta["schedule"] = schedule.to_dict()
         # Before the Trainer, which changes the model's config (use_cache).
         plan = build_plan(
             model,
             cfg,
             name=cfg.model,
+            schedule=schedule,
+            steps_per_epoch=None if args.max_steps > 0 else count_steps(),
             data=meta.get("data_splits"),
             train_examples=len(train_ds),
             eval_examples=len(eval_ds),
@@ -209,10 +239,12 @@ class Recipe:
             self.on_plan(plan)
         elif main:
             logger.info("%s", plan.format())
+        for warning in plan.warnings if main else []:
+            logger.warning("%s", warning)
 
         interrupt = Interrupt()
         progress = Progress(meta, interrupt)
-        trainer = self._build_trainer(model, tokenizer, task, train_ds, eval_ds, out_dir)
+        trainer = self._build_trainer(model, tokenizer, task, train_ds, eval_ds, out_dir, schedule)
         trainer.add_callback(progress)
         guard = NonFiniteGuard()
         trainer.add_callback(guard)
@@ -365,6 +397,7 @@ class Recipe:
         train_ds: Records,
         eval_ds: Records,
         out_dir: Path,
+        schedule: Schedule,
     ) -> Trainer:
         cfg = self.cfg
         args = training_arguments(cfg, out_dir, loss_only=task.compute_metrics is None)
@@ -383,7 +416,10 @@ class Recipe:
         )
         trainer: Trainer
         if cfg.method == "hift":
-            trainer = HiFTTrainer(hift_config=cfg.hift_config(), **common)
+            hift_config = cfg.hift_config(
+                units_per_group=schedule.units_per_group, always_active=schedule.always_active
+            )
+            trainer = HiFTTrainer(hift_config=hift_config, **common)
         else:
             trainer = Trainer(**common)
         # The recipe's progress bar replaces the Trainer's printed logs.
