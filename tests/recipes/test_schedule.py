@@ -100,54 +100,6 @@ def test_option_values() -> None:
     assert parse_always_active([]) == "none" and parse_always_active(["a.b"]) == ["a.b"]
 
 
-@pytest.mark.parametrize(
-    ("fields", "match"),
-    [
-        ({"units_per_group": 0}, "units_per_group must be an integer >= 1 or auto, got 0"),
-        ({"units_per_group": "some"}, "units_per_group must be an integer >= 1 or auto"),
-        ({"units_per_group": "2.5"}, "units_per_group must be an integer >= 1 or auto"),
-        ({"steps_per_group": 0}, "steps_per_group must be an integer >= 1, got 0"),
-        ({"always_active_lr_scale": 0}, "always_active_lr_scale must be a number > 0"),
-        ({"always_active_lr_scale": "inf"}, "always_active_lr_scale must be a number > 0"),
-        ({"always_active": "classifier.("}, "always_active has an invalid regex 'classifier.('"),
-        ({"always_active": 3}, "always_active must be auto, none or parameter-name regexes"),
-        (
-            {"method": "fpft", "always_active": "classifier.*"},
-            "always_active=classifier.* is HiFT's schedule (--method hift)",
-        ),
-        ({"method": "fpft", "steps_per_group": 2}, "steps_per_group=2 is HiFT's schedule"),
-        (
-            {"method": "fpft", "always_active_lr_scale": 3},
-            "always_active_lr_scale=3 is HiFT's schedule",
-        ),
-    ],
-)
-def test_bad_values_are_one_line_errors(fields: dict, match: str) -> None:
-    with pytest.raises(UserError) as info:
-        TrainRecipeConfig(**fields)
-    message = str(info.value)
-    assert match in message and "\n" not in message
-
-
-def test_the_options_reach_the_engine() -> None:
-    cfg = TrainRecipeConfig(
-        units_per_group="3",  # as a config file's text
-        steps_per_group=2,
-        always_active="classifier\\..*",
-        always_active_lr_scale="3",
-    )
-    hift = cfg.hift_config()
-    assert (hift.units_per_group, hift.steps_per_group) == (3, 2)
-    assert (hift.always_active, hift.always_active_lr_scale) == (("classifier\\..*",), 3.0)
-    # auto options take what the schedule settled, or their fallbacks before it has.
-    auto = TrainRecipeConfig(units_per_group="auto")
-    assert auto.hift_config().units_per_group == 4 and auto.hift_config().always_active == ()
-    settled = auto.hift_config(units_per_group=2, always_active=["score\\.weight"])
-    assert (settled.units_per_group, settled.always_active) == (2, ("score\\.weight",))
-    # FPFT ignores the split options it has no use for; their defaults pass.
-    assert TrainRecipeConfig(method="fpft", units_per_group="auto", always_active="none")
-
-
 # --- always-active parameters ---------------------------------------------------------------
 
 
