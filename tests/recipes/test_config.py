@@ -62,6 +62,11 @@ def test_resume_takes_the_saved_run_as_base(tmp_path: Path) -> None:
     assert find_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
     cfg = build_config({"resume": str(tmp_path), "max_steps": 9})
     assert (cfg.lr, cfg.max_steps, cfg.resume, cfg.config) == (0.3, 9, str(tmp_path), None)
+    assert cfg.always_active == "auto"
+    # A run saved before always_active existed trained a new head in the split: it still does.
+    del saved["always_active"]
+    (tmp_path / RUN_CONFIG).write_text(json.dumps({"config": saved}))
+    assert build_config({"resume": str(tmp_path)}).always_active == "none"
 
 
 # --- the schedule options (issue 19) -------------------------------------------------------

@@ -35,6 +35,7 @@ from .schedule import (
     ALWAYS_ACTIVE,
     ALWAYS_ACTIVE_LR_SCALE,
     FALLBACK_UNITS_PER_GROUP,
+    NONE,
     STEPS_PER_GROUP,
     UNITS_PER_GROUP,
     parse_always_active,
@@ -414,7 +415,10 @@ def build_config(values: Mapping[str, Any]) -> TrainRecipeConfig:
     resume = explicit.get("resume")
     if resume is not None:
         saved = saved_run(find_checkpoint(resume, warn=False))  # the recipe warns
-        _merge(merged, {k: v for k, v in saved.get("config", {}).items() if k not in NOT_RESUMED})
+        previous = saved.get("config", {})
+        if "always_active" not in previous:  # saved before it existed: no always-active unit
+            merged["always_active"] = NONE
+        _merge(merged, {k: v for k, v in previous.items() if k not in NOT_RESUMED})
     path = explicit.get("config")
     if path is not None:
         _merge(merged, read_config_file(Path(path)))
