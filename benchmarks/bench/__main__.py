@@ -13,6 +13,7 @@ per-run logs to ``runs/bench/``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -105,6 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     qp = sub.add_parser("quality", help="only the quality runs")
     qp.add_argument("--reduced", action="store_true", help="a few minutes, to show it works")
     qp.add_argument("--complete", action="store_true", help="also SmolLM2's long budget")
+    qp.add_argument(
+        "--session", action="store_true", help="the part that fits one session (about 75 min)"
+    )
+    qp.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=sorted(quality_plan.FULL),
+        help="only these tasks; the others' results in quality.json (same plan) are kept",
+    )
     rp = sub.add_parser("spread", help="repeated memory runs of the rows closest to hiftune's")
     rp.add_argument("--methods", nargs="+", default=list(SPREAD_METHODS))
     rp.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
@@ -131,13 +141,25 @@ def main(argv: list[str] | None = None) -> int:
     if a.command in ("quick", "full", "scale"):
         write_json(OUT / "scale.json", scale.predict())
     if a.command in ("full", "quality"):
-        plan = quality_plan.plan(getattr(a, "reduced", False), getattr(a, "complete", False))
+        plan = quality_plan.plan(
+            getattr(a, "reduced", False),
+            getattr(a, "complete", False),
+            getattr(a, "session", False),
+        )
+        if getattr(a, "tasks", None):
+            plan = quality_plan.Plan(plan.name, {t: plan.tasks[t] for t in a.tasks})
         estimate = quality_plan.estimate_minutes(plan.tasks)
         logging.info(
             "quality plan %s, estimated %.0f min: %s", plan.name, estimate["total"],
             ", ".join(f"{k} {v:.1f}" for k, v in estimate.items() if k != "total"),
         )  # fmt: skip
-        write_json(OUT / "quality.json", quality.run_all(plan, LOGS / "quality"))
+        path = OUT / "quality.json"
+        previous = json.loads(path.read_text()) if path.is_file() else None
+
+        def save(result: dict) -> None:
+            write_json(path, result)
+
+        save(quality.run_all(plan, LOGS / "quality", previous, save))
     render()
     return 0
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -231,23 +232,41 @@ def _run_task(task_name: str, tp: quality_plan.TaskPlan, logs: Path) -> dict[str
     return {"label": task.label, "facts": facts, "budgets": blocks}
 
 
-def run_all(p: quality_plan.Plan, logs: Path) -> dict[str, Any]:
+def run_all(
+    p: quality_plan.Plan,
+    logs: Path,
+    previous: Mapping[str, Any] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Per task: the short budget, the long one (grids around the short budget's rates), then the
-    equal-wall-time budget of hiftune's defaults."""
-    started = runner.machine_load()
+    equal-wall-time budget of hiftune's defaults.
+
+    Args:
+        p: The plan (or some of its tasks).
+        logs: Where each run's log and JSON go.
+        previous: An earlier result of the same plan: its other tasks are kept, so that tasks run
+            by separate invocations (``--tasks``) add up to one result.
+        save: Called with the result so far after each task, so that an interrupted run keeps
+            the tasks it finished.
+    """
     out: dict[str, Any] = {}
-    for task_name, tp in p.tasks.items():
-        out[task_name] = _run_task(task_name, tp, logs)
-    return {
+    if previous is not None and previous.get("plan") == p.name:
+        out = dict(previous.get("tasks", {}))
+    result = {
         "format": 2,
-        "started": started,
-        "finished": runner.machine_load(),
+        "started": runner.machine_load(),
         "plan": p.name,
         "estimate_minutes": quality_plan.estimate_minutes(p.tasks),
         "lisa": quality_plan.LISA_NOTE,
         "versions": runner.versions(),
         "tasks": out,
     }
+    for task_name, tp in p.tasks.items():
+        out[task_name] = _run_task(task_name, tp, logs)
+        result["finished"] = runner.machine_load()
+        if save is not None:
+            save(result)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

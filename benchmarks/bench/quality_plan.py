@@ -35,8 +35,6 @@ logger = logging.getLogger(__name__)
 
 #: The units per group of hiftune's rows (a) and (b), the paper's m and the earlier default.
 PAPER_M = 4
-#: Row (c): the fewest updates each group should get within a budget.
-MIN_UPDATES = 8
 #: PyPI's only ``lmflow`` (0.0.1.dev0) is a placeholder (3-byte ``__init__.py``, no code);
 #: LMFlow installs from its GitHub repository, which this machine cannot reach.
 LISA_NOTE = (
@@ -103,6 +101,17 @@ _SMOLLM2_SHORT = Settings(
     max_extend=1,
     methods=("fpft", "badam-rec", "hift-a", "hift-c", "hift-defaults"),
 )
+#: What one session of the 2-core machine fits (about 75 minutes by :func:`estimate_minutes`):
+#: the short budget of every task with every row that tells the options apart on it, the long
+#: budget on MiniLM only, no SmolLM2 equal-time budget, and the paper's schedule (a) on SmolLM2
+#: left out. ``FULL`` is the whole plan.
+SESSION: dict[str, TaskPlan] = {
+    "minilm": _MINILM,
+    "trec": TaskPlan(replace(_MINILM.short, methods=(*_MINILM_SHORT[:-2], "hift-defaults"))),
+    "smollm2": TaskPlan(
+        replace(_SMOLLM2_SHORT, methods=("fpft", "badam-rec", "hift-defaults")), equal_time=False
+    ),
+}
 #: ``make bench-quality``: about 100 minutes by :func:`estimate_minutes` (printed by the
 #: command). SmolLM2's long budget (100 steps) does not fit in them: ``--complete`` adds it, at
 #: the short budget's rates (``grid_from="chosen"``), for full FT and the defaults (about 45 min).
@@ -204,56 +213,26 @@ def extension(results: Sequence[Mapping[str, Any]], grid: Sequence[float]) -> fl
 # --- hiftune's options per task and budget ------------------------------------------------------
 
 
-def updates_per_group(total: int, k: int, per_group: int = 1) -> list[int]:
-    """Optimizer updates of each group in training order (step t trains group (t // K) % k)."""
-    full, rest = divmod(total, k * per_group)
-    return [full * per_group + min(per_group, max(0, rest - i * per_group)) for i in range(k)]
-
-
-def fewer_groups_m(n_units: int, total: int, per_group: int = 1) -> int:
-    """Row (c)'s m: the smallest whose groups each get :data:`MIN_UPDATES` updates in ``total``
-    steps, and never below :data:`PAPER_M` (so it has at most (b)'s groups)."""
-    for m in range(PAPER_M, n_units + 1):
-        if updates_per_group(total, math.ceil(n_units / m), per_group)[-1] >= MIN_UPDATES:
-            return m
-    return n_units
-
-
 def recipe_defaults(facts: Mapping[str, Any], total: int) -> tuple[dict[str, Any], list[str]]:
     """What ``hiftune train`` would use on this task and budget, and what had to be assumed.
 
     Read from ``TrainRecipeConfig()`` and resolved as the recipe does
     (``hiftune.recipes.schedule.resolve_schedule``), where those exist.
     """
+    from hiftune.recipes import schedule as rs
     from hiftune.recipes.config import TrainRecipeConfig
 
     cfg = TrainRecipeConfig()
-    notes: list[str] = []
     out: dict[str, Any] = {"offload": cfg.offload, "precision": cfg.precision}
-    try:
-        from hiftune.recipes import schedule as rs
-
-        always = rs.AlwaysActive(tuple(facts["default_always"]), tuple(facts["default_always"]))
-        sch = rs.resolve_schedule(cfg, always=always, n_units=facts["n_units"], total_steps=total)
-        out.update(
-            units_per_group=sch.units_per_group,
-            always_active=list(sch.always_active),
-            always_active_lr_scale=sch.always_active_lr_scale,
-            steps_per_group=sch.steps_per_group,
-        )
-        notes += list(sch.notes)
-    except (ImportError, AttributeError, TypeError) as e:
-        notes.append(f"the recipe's schedule could not be resolved ({e}); its fields are read")
-        m = getattr(cfg, "units_per_group", PAPER_M)
-        out.update(
-            units_per_group=m if isinstance(m, int) else PAPER_M,
-            always_active=[],
-            always_active_lr_scale=getattr(cfg, "always_active_lr_scale", 1.0),
-            steps_per_group=getattr(cfg, "steps_per_group", 1),
-        )
-        for name in ("always_active", "always_active_lr_scale", "steps_per_group"):
-            if not hasattr(cfg, name):
-                notes.append(f"TrainRecipeConfig has no {name}: its engine default is used")
+    always = rs.AlwaysActive(tuple(facts["default_always"]), tuple(facts["default_always"]))
+    sch = rs.resolve_schedule(cfg, always=always, n_units=facts["n_units"], total_steps=total)
+    out.update(
+        units_per_group=sch.units_per_group,
+        always_active=list(sch.always_active),
+        always_active_lr_scale=sch.always_active_lr_scale,
+        steps_per_group=sch.steps_per_group,
+    )
+    notes = list(sch.notes)
     if not out["always_active"]:
         out["always_active_lr_scale"] = 1.0
     return out, notes
@@ -278,8 +257,12 @@ def resolve_options(
     head = opts.pop("head", False) and task.new_head is not None
     scale = float(opts.pop("always_active_lr_scale", 1.0))
     per_group = int(opts.get("steps_per_group", 1))
-    if opts.get("units_per_group") == "fewer":
-        opts["units_per_group"] = fewer_groups_m(facts["n_units"], total, per_group)
+    if opts.get("units_per_group") == "fewer":  # the rule of ``--units-per-group auto``
+        from hiftune.recipes.schedule import choose_units_per_group
+
+        opts["units_per_group"] = choose_units_per_group(
+            facts["n_units"], total, per_group, smallest=PAPER_M
+        )
     out = {
         "offload": base["offload"],
         "precision": base["precision"],
@@ -474,10 +457,12 @@ class Plan:
     tasks: dict[str, TaskPlan] = field(default_factory=dict)
 
 
-def plan(reduced: bool = False, complete: bool = False) -> Plan:
+def plan(reduced: bool = False, complete: bool = False, session: bool = False) -> Plan:
     """The plan ``bench quality`` runs."""
     if reduced:
         return Plan("reduced", REDUCED)
+    if session:
+        return Plan("session", SESSION)
     return Plan("complete", COMPLETE) if complete else Plan("full", FULL)
 
 

@@ -96,15 +96,6 @@ def test_options_per_task_and_budget() -> None:
     assert badam == {"switch_block_every": 50, "active_modules": ["classifier."]}
 
 
-def test_updates_per_group_and_the_fewer_groups_rule() -> None:
-    assert quality_plan.updates_per_group(50, 4) == [13, 13, 12, 12]
-    assert quality_plan.updates_per_group(20, 2, 4) == [12, 8]
-    assert quality_plan.fewer_groups_m(39, 20) == 20
-    assert quality_plan.fewer_groups_m(39, 100) == 4  # 10 groups of 10 updates
-    assert quality_plan.fewer_groups_m(15, 50) == 4  # never more groups than (b)
-    assert quality_plan.fewer_groups_m(3, 4) == 3  # one group of all units: the most it can get
-
-
 def test_hift_updates_each_weight_once_per_cycle_and_always_active_every_step() -> None:
     model = workload.make_model(workload.TINY, "fp32")
     weights = sum(p.numel() for p in model.parameters())

@@ -43,7 +43,7 @@ def test_schedule_defaults_are_the_recipes(capsys: pytest.CaptureFixture[str]) -
     assert "--units-per-group UNITS_PER_GROUP m, units trained together; auto: the smallest m" in (
         text
     )
-    assert "(default auto)" in text and "factor on their learning rate (default 1)" in text
+    assert "(default auto)" in text and "factor on their learning rate (default 3)" in text
     assert "--steps-per-group STEPS_PER_GROUP K," in text
 
 

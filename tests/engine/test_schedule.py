@@ -255,7 +255,7 @@ def test_rotation_counts_visits_and_cycles():
 
 
 def test_updates_per_group_and_cycles():
-    assert updates_per_group(10, 1, 8) == [1] * 8 + [0, 0]
-    assert updates_per_group(4, 1, 50) == [13, 13, 12, 12]
-    assert updates_per_group(3, 5, 17) == [7, 5, 5]
+    assert updates_per_group(8, 10) == [1] * 8 + [0, 0]
+    assert updates_per_group(50, 4) == [13, 13, 12, 12]
+    assert updates_per_group(17, 3, 5) == [7, 5, 5]
     assert cycles_in(50, 4) == 13 and cycles_in(0, 4) == 1 and cycles_in(17, 3, 5) == 2

@@ -89,8 +89,8 @@ def test_resume_takes_the_saved_run_as_base(tmp_path: Path) -> None:
         ),
         ({"method": "fpft", "steps_per_group": 2}, "steps_per_group=2 is HiFT's schedule"),
         (
-            {"method": "fpft", "always_active_lr_scale": 3},
-            "always_active_lr_scale=3 is HiFT's schedule",
+            {"method": "fpft", "always_active_lr_scale": 2},
+            "always_active_lr_scale=2 is HiFT's schedule",
         ),
     ],
 )

@@ -126,7 +126,7 @@ def test_budget_guard_names_the_groups_never_trained(llama10) -> None:
     assert plan.warnings == [
         "40 optimizer steps over 5 groups of m=2 (3 steps per visit): layers.5-6, layers.7..head "
         "get only 6-7 updates, fewer than the 8 updates each group should get; "
-        "--units-per-group 3 gives 9 updates per group or --epochs 2.2 (44 steps) gives every "
+        "--units-per-group 4 gives 12 updates per group or --epochs 2.2 (44 steps) gives every "
         "group 8"
     ]
 
@@ -136,15 +136,16 @@ def test_plan_states_the_schedule(llama10) -> None:
     head = AlwaysActive(("model\\.norm\\.weight",), ("model.norm.weight",))
     schedule = resolve_schedule(cfg, always=head, n_units=9, total_steps=200)
     plan = build_plan(llama10, cfg, name="tiny", schedule=schedule)
-    assert plan.units_per_group == 1 and plan.warnings == []
-    assert plan.groups == ["embed", *[f"layers.{i}" for i in range(8)]]  # no head: always active
+    assert plan.units_per_group == 4 and plan.warnings == []
+    # no head: it is always active
+    assert plan.groups == ["embed..layers.2", "layers.3..layers.6", "layers.7"]
     lines = plan.format().splitlines()
-    assert "  units per group: m=1, auto: the smallest m whose groups each get at least 8 " in (
+    assert "  units per group: m=4, auto: the smallest m from 4 up whose groups each get at " in (
         "\n".join(lines)
     )
     assert (
-        "  updates: 200 steps = 22 cycles of 9 groups and 2 steps: 23 updates for embed, "
-        "layers.0; 22 updates for layers.1-7"
+        "  updates: 200 steps = 66 cycles of 3 groups and 2 steps: 67 updates for embed..layers.2, "
+        "layers.3-6; 66 updates for layers.7"
     ) in lines
     assert "  always active: model.norm.weight (lr x3)" in lines
     # Without a budget (no step count) or for FPFT, there is nothing to warn about.

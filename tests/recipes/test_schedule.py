@@ -56,24 +56,28 @@ def test_steps_for_updates_is_the_fewest(K: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("n", "total", "K", "expected"),
+    ("n", "total", "K", "smallest", "expected"),
     [
-        (39, 200, 1, 2),  # the demo's 39 units and 200 steps: 20 groups of 10 updates
-        (39, 45, 1, 8),  # 5 groups of 9 updates (m = 7 would give 6 groups of 7)
-        (39, 8, 1, 39),  # too few steps for any split: all units in one group
-        (39, 2, 1, 39),
-        (39, 200, 2, 2),
-        (39, 30, 2, 13),  # 3 groups x 2 steps: 5 cycles of 10 updates
-        (4, 32, 1, 1),
-        (4, 8, 1, 4),
-        (10, 30, 2, 4),
-        (1, 1, 1, 1),
+        (39, 200, 1, 4, 4),  # the demo's 39 units and 200 steps: 10 groups of 20 updates
+        (39, 200, 1, 1, 2),  # without the floor: 20 groups of 10 updates
+        (39, 45, 1, 4, 8),  # 5 groups of 9 updates (m = 7 would give 6 groups of 7)
+        (39, 8, 1, 4, 39),  # too few steps for any split: all units in one group
+        (39, 2, 1, 4, 39),
+        (39, 200, 2, 1, 2),
+        (39, 30, 2, 4, 13),  # 3 groups x 2 steps: 5 cycles of 10 updates
+        (4, 32, 1, 1, 1),
+        (4, 32, 1, 4, 4),
+        (4, 8, 1, 4, 4),
+        (3, 100, 1, 4, 3),  # fewer units than the floor: all of them
+        (10, 30, 2, 1, 4),
+        (1, 1, 1, 4, 1),
     ],
 )
-def test_choose_units_per_group(n: int, total: int, K: int, expected: int) -> None:
-    assert choose_units_per_group(n, total, K) == expected
-    # The reference: the first m in 1..n whose groups all get 8 in the walked queue.
-    fits = [m for m in range(1, n + 1) if min(simulated_updates(total, math.ceil(n / m), K)) >= 8]
+def test_choose_units_per_group(n: int, total: int, K: int, smallest: int, expected: int) -> None:
+    assert choose_units_per_group(n, total, K, smallest=smallest) == expected
+    # The reference: the first m from the floor up whose groups all get 8 in the walked queue.
+    ms = range(min(smallest, n), n + 1)
+    fits = [m for m in ms if min(simulated_updates(total, math.ceil(n / m), K)) >= 8]
     assert expected == (fits[0] if fits else n)
 
 
@@ -165,9 +169,9 @@ def test_resolve_schedule() -> None:
     cfg = TrainRecipeConfig(units_per_group="auto", steps_per_group=2, always_active_lr_scale=3)
     head = AlwaysActive(("score\\.weight",), ("score.weight",))
     s = resolve_schedule(cfg, always=head, n_units=39, total_steps=200)
-    assert (s.units_per_group, s.steps_per_group, s.always_active_lr_scale) == (2, 2, 3)
+    assert (s.units_per_group, s.steps_per_group, s.always_active_lr_scale) == (4, 2, 3)
     assert s.units_reason == (
-        "auto: the smallest m whose groups each get at least 8 updates in 200 steps"
+        "auto: the smallest m from 4 up whose groups each get at least 8 updates in 200 steps"
     )
     assert (s.always_active, s.always_active_names) == (("score\\.weight",), ("score.weight",))
     short = resolve_schedule(cfg, n_units=39, total_steps=5)

@@ -26,7 +26,7 @@ from ..recipes.config import (
 )
 from ..recipes.models import DTYPES, PRESETS, TASKS
 from ..recipes.report import format_metrics
-from ..recipes.schedule import MIN_UPDATES
+from ..recipes.schedule import FALLBACK_UNITS_PER_GROUP, MIN_UPDATES
 from .types import positive_float, positive_int, unit_budget, units_per_group
 
 #: Exit code of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT); SIGTERM gives
@@ -191,8 +191,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--units-per-group",
         type=units_per_group,
         default=S,
-        help=f"m, units trained together; auto: the smallest m whose groups each get "
-        f"{MIN_UPDATES} updates in the run's steps (default {d.units_per_group})",
+        help=f"m, units trained together; auto: the smallest m from {FALLBACK_UNITS_PER_GROUP} up "
+        f"whose groups each get {MIN_UPDATES} updates in the run's steps "
+        f"(default {d.units_per_group})",
     )
     g.add_argument(
         "--steps-per-group",

@@ -175,13 +175,16 @@ def always_active_warnings(
     return out
 
 
-def updates_per_group(num_groups: int, steps_per_group: int, total_steps: int) -> list[int]:
+def updates_per_group(total_steps: int, num_groups: int, steps_per_group: int = 1) -> list[int]:
     """How many optimizer steps each group (in training order) gets in ``total_steps`` steps.
 
+    Step ``t`` (from 0) trains the group at position ``(t // K) % k``: full cycles give every
+    group K updates, and the steps left over go to the first groups in order.
+
     Args:
+        total_steps: The run's optimizer steps.
         num_groups: k.
         steps_per_group: K.
-        total_steps: The run's optimizer steps.
     """
     cycle = num_groups * steps_per_group
     full, rest = divmod(max(0, total_steps), cycle)

@@ -107,7 +107,8 @@ class TrainRecipeConfig:
             ``runs/<model>-<task>-<method>``; for a resumed run, the checkpoint's directory).
         overwrite_output_dir: Start a new run in an output directory that holds another run
             (its checkpoints, run file and report are removed first); without it that is refused.
-        units_per_group: HiFT's m, or ``"auto"``: the smallest m whose groups each get
+        units_per_group: HiFT's m, or ``"auto"`` (the default): the smallest m from
+            :data:`~hiftune.recipes.schedule.FALLBACK_UNITS_PER_GROUP` up whose groups each get
             :data:`~hiftune.recipes.schedule.MIN_UPDATES` updates in the run's steps (see
             :mod:`hiftune.recipes.schedule`).
         always_active: Parameters HiFT trains at every step beside the rotating groups:

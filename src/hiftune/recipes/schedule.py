@@ -6,8 +6,9 @@ the loaded model and the run's number of optimizer steps:
 * ``always_active="auto"``: the parameters the checkpoint did not contain (a newly initialised
   classification head, ``classifier.*`` / ``score.*``) are trained at every step beside the
   rotating groups, if that is cheap (:func:`resolve_always_active`);
-* ``units_per_group="auto"``: m is the smallest one whose groups each get :data:`MIN_UPDATES`
-  updates within the run's steps (:func:`choose_units_per_group`);
+* ``units_per_group="auto"``: m is the smallest one, from :data:`FALLBACK_UNITS_PER_GROUP` up,
+  whose groups each get :data:`MIN_UPDATES` updates within the run's steps
+  (:func:`choose_units_per_group`);
 * the budget guard: how many updates each group gets (:func:`updates_per_group`), with a warning
   naming what to change when one would get fewer than :data:`MIN_UPDATES` (the numbers are
   here; :mod:`.plan` words them).
@@ -27,19 +28,23 @@ from typing import Any
 
 from torch import nn
 
+from ..engine.schedule import updates_per_group
 from ..engine.units import always_active_names
 from ..errors import UserError, first_line
 
 AUTO = "auto"
 NONE = "none"
 #: The default of ``units_per_group`` (``--units-per-group``): an integer m, or ``"auto"``.
-UNITS_PER_GROUP: int | str = 4
-#: m of ``units_per_group="auto"`` when the number of optimizer steps is not known.
+#: ``auto`` won the quality benchmark's short budgets (docs/quality.md).
+UNITS_PER_GROUP: int | str = AUTO
+#: m of ``units_per_group="auto"`` when the number of optimizer steps is not known, and the
+#: smallest m it picks: smaller groups save memory but learned slower (docs/quality.md).
 FALLBACK_UNITS_PER_GROUP = 4
 #: The default of ``always_active`` (``--always-active``): ``"auto"``, ``"none"`` or regexes.
 ALWAYS_ACTIVE: str = AUTO
-#: The default factor on the always-active parameters' learning rate (``--always-active-lr-scale``).
-ALWAYS_ACTIVE_LR_SCALE = 1.0
+#: The default factor on the always-active parameters' learning rate (``--always-active-lr-scale``):
+#: a new head trained at every step at 3x the rate caught up fastest (docs/quality.md).
+ALWAYS_ACTIVE_LR_SCALE = 3.0
 #: The default K, optimizer steps per group before the next one (``--steps-per-group``).
 STEPS_PER_GROUP = 1
 #: Fewest updates a group should get in a run; fewer draws a warning (and ``auto`` m avoids it).
@@ -108,24 +113,6 @@ def refuse_for_fpft(cfg: Any) -> None:
         raise UserError(f"steps_per_group={cfg.steps_per_group} {why}")
 
 
-def updates_per_group(total_steps: int, num_groups: int, steps_per_group: int = 1) -> list[int]:
-    """The optimizer steps each group is trained for, in training order.
-
-    Step ``t`` (from 0) trains the group at position ``(t // K) % k``: full cycles give every
-    group K updates each, and the steps left over go to the first groups in order.
-
-    Args:
-        total_steps: Optimizer steps of the run.
-        num_groups: k.
-        steps_per_group: K, consecutive steps per group.
-    """
-    full, rest = divmod(total_steps, num_groups * steps_per_group)
-    return [
-        full * steps_per_group + min(steps_per_group, max(0, rest - i * steps_per_group))
-        for i in range(num_groups)
-    ]
-
-
 def steps_for_updates(num_groups: int, steps_per_group: int, min_updates: int) -> int:
     """The fewest optimizer steps in which every group gets ``min_updates`` updates."""
     # The last group in order is the last to reach it: q full cycles, then the other groups'
@@ -136,21 +123,29 @@ def steps_for_updates(num_groups: int, steps_per_group: int, min_updates: int) -
 
 
 def choose_units_per_group(
-    n_units: int, total_steps: int, steps_per_group: int = 1, min_updates: int = MIN_UPDATES
+    n_units: int,
+    total_steps: int,
+    steps_per_group: int = 1,
+    min_updates: int = MIN_UPDATES,
+    smallest: int = FALLBACK_UNITS_PER_GROUP,
 ) -> int:
-    """The smallest m whose groups each get ``min_updates`` updates in ``total_steps`` steps.
+    """``units_per_group="auto"``: the smallest m, from ``smallest`` up, whose groups each get
+    ``min_updates`` updates in ``total_steps`` steps.
 
-    Smaller groups need less memory, but each is trained less often; this is the smallest m the
-    step budget allows. When even one group of all units would get fewer, that is the answer
-    (m = ``n_units``), the most updates the budget can give.
+    Smaller groups need less memory, but each is trained less often: on a long budget m stays
+    at ``smallest`` (whose groups learned about as well as larger ones, docs/quality.md), and a
+    short budget gets fewer, larger groups rather than groups trained a handful of times or
+    never. When even one group of all units would get fewer, that is the answer (m =
+    ``n_units``), the most updates the budget can give.
 
     Args:
         n_units: The model's number of units (k = ceil(n / m) groups).
         total_steps: Optimizer steps of the run.
         steps_per_group: K.
         min_updates: Updates every group should get.
+        smallest: The smallest m to pick (capped at ``n_units``).
     """
-    for m in range(1, n_units + 1):
+    for m in range(min(smallest, n_units), n_units + 1):
         k = math.ceil(n_units / m)
         if updates_per_group(total_steps, k, steps_per_group)[-1] >= min_updates:
             return m
@@ -345,8 +340,8 @@ def resolve_schedule(
             )
         else:
             schedule.units_reason = (
-                f"auto: the smallest m whose groups each get at least {MIN_UPDATES} updates "
-                f"in {total_steps} steps"
+                f"auto: the smallest m from {FALLBACK_UNITS_PER_GROUP} up whose groups each get "
+                f"at least {MIN_UPDATES} updates in {total_steps} steps"
             )
     if n_units is not None:
         schedule.units_per_group = min(schedule.units_per_group, n_units)
