@@ -137,6 +137,13 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`tiny_llama` with 8 blocks: 10 units as a sequence classifier whose new ``score``
+    head is always active (embed, layers.0-7, the final norm)."""
+    return make_llama(tmp_path_factory.mktemp("tiny-llama8"), num_hidden_layers=8)
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_bert(tmp_path_factory.mktemp("tiny-bert"))
 

@@ -395,23 +395,28 @@ def test_budget_guard_warns_of_groups_never_trained(
 
 
 def test_units_per_group_auto_and_steps_per_group(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_llama: Path, cls_jsonl: Path
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_llama: Path,
+    tiny_llama8: Path,
+    cls_jsonl: Path,
 ) -> None:
-    args = ["--model", tiny_llama, "--data", cls_jsonl, *CLS, "--batch-size", "4", "--no-zero-shot"]
+    common = ["--data", cls_jsonl, *CLS, "--batch-size", "4", "--no-zero-shot"]
     code, out, err = run_cli(
-        capsys, *args, "--max-steps", "16", "--units-per-group", "auto", "--output-dir", tmp_path
-    )
+        capsys, "--model", tiny_llama8, *common, "--max-steps", "16", "--output-dir", tmp_path
+    )  # the default is auto
     assert code == 0, err
-    # 4 units in 16 steps: 2 groups get 8 updates each, 4 groups only 4.
+    # 10 units in 16 steps: 2 groups (m=5) get 8 updates each, 3 groups (m=4) only 5-6.
     assert (
-        "  units per group: m=2, auto: the smallest m whose groups each get at least 8 updates "
-        "in 16 steps"
+        "  units per group: m=5, auto: the smallest m from 4 up whose groups each get at least 8 "
+        "updates in 16 steps"
     ) in out
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["plan"]["units_per_group"] == 2 and report["hift_groups"] == 2
+    assert report["plan"]["units_per_group"] == 5 and report["hift_groups"] == 2
     assert report["plan"]["warnings"] == []
 
     # K = 2 steps per group; the learning rate falls once per cycle of k * K = 8 steps.
+    args = ["--model", tiny_llama, *common]
     code, out, err = run_cli(
         capsys, *args, "--max-steps", "16", "--units-per-group", "1", "--steps-per-group", "2",
         "--output-dir", tmp_path, "--overwrite-output-dir",
@@ -427,20 +432,20 @@ def test_units_per_group_auto_and_steps_per_group(
 
 
 def test_a_resumed_auto_run_keeps_its_split(
-    capsys, monkeypatch, tmp_path: Path, tiny_llama: Path, cls_jsonl: Path
+    capsys, monkeypatch, tmp_path: Path, tiny_llama8: Path, cls_jsonl: Path
 ) -> None:
     with monkeypatch.context() as m:
         _interrupt_at(m, 1)
         code, _, _ = run_cli(
-            capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, "--batch-size", "4",
+            capsys, "--model", tiny_llama8, "--data", cls_jsonl, *CLS, "--batch-size", "4",
             "--max-steps", "8", "--units-per-group", "auto", "--no-zero-shot",
             "--output-dir", tmp_path,
         )  # fmt: skip
     assert code == 130
-    # 32 steps would choose m=1 afresh; the checkpoint holds the m=4 split.
+    # 32 steps would choose m=4 afresh; the checkpoint holds the m=10 split (8 steps: one group).
     code, out, err = run_cli(capsys, "--resume", tmp_path / "checkpoint-1", "--max-steps", "32")
     assert code == 0, err
-    assert "units per group: m=4, auto, as chosen when the resumed run started" in out
+    assert "units per group: m=10, auto, as chosen when the resumed run started" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["steps"] == 32 and report["hift_groups"] == 1
 
