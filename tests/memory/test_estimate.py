@@ -377,3 +377,23 @@ def test_activations_of_models_that_ask_a_tensor_for_its_value(head):
     fpft = next(r for r in rows if r.method == "fpft" and r.precision == "fp32")
     hift = next(r for r in rows if r.method == "hift" and r.precision == "fp32")
     assert 0 < hift.activations_mib_estimate < fpft.activations_mib_estimate
+
+
+def test_always_active_parameters_are_part_of_every_hift_peak():
+    labels = 5
+    head = labels * 4096  # llama-2-7b's new score layer, bias-free
+    config = HiFTConfig(always_active=(r"score\.weight",))
+    common = {
+        "task": "seq-cls",
+        "num_labels": labels,
+        "optimizers": ["adamw"],
+        "units_per_group": 1,
+    }
+    plain = _by_key(estimate("llama-2-7b", **common))[("hift", "adamw", "fp32")]
+    always = _by_key(estimate("llama-2-7b", config=config, **common))[("hift", "adamw", "fp32")]
+    # The head leaves its unit and trains beside the largest one (a block): its fp32 gradient and
+    # two AdamW moments join every peak.
+    assert always.group == plain.group
+    assert always.trainable_params == plain.trainable_params + head
+    assert always.grads_mib == pytest.approx(plain.grads_mib + head * 4 / 2**20)
+    assert always.states_mib == pytest.approx(plain.states_mib + head * 8 / 2**20)
