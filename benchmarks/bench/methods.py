@@ -217,6 +217,14 @@ QUALITY: tuple[Method, ...] = (
         adam_quality=None,
     ),
     Method(
+        "hift-e",
+        "hift",
+        "hiftune (e) = (b), 2 groups (m=8)",
+        "hiftune",
+        options={"units_per_group": 8, "head": True, "always_active_lr_scale": 3.0},
+        adam_quality=None,
+    ),
+    Method(
         "hift-defaults",
         "hift",
         "hiftune defaults (hiftune train)",

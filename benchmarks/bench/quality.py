@@ -209,15 +209,49 @@ def launch(
     return results
 
 
-def _run_task(task_name: str, tp: quality_plan.TaskPlan, logs: Path) -> dict[str, Any]:
+def _run_key(
+    budget: str, settings: Mapping[str, Any], method: str, options: Any, lr: float, seed: int
+) -> str:
+    """What makes two runs the same run: budget, settings (but the list of methods, which does
+    not change a run), method, options, rate and seed."""
+    sized = {k: v for k, v in settings.items() if k != "methods"}
+    return json.dumps([budget, sized, method, options, lr, seed], sort_keys=True)
+
+
+def _earlier_runs(earlier: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The finished runs of an earlier result of a task, by :func:`_run_key`."""
+    done: dict[str, dict[str, Any]] = {}
+    for budget, block in (earlier or {}).get("budgets", {}).items():
+        for r in block["results"]:
+            if "error" not in r:
+                opts = block["options"][r["method"]]
+                key = _run_key(budget, block["settings"], r["method"], opts, r["lr"], r["seed"])
+                done[key] = r
+    return done
+
+
+def _run_task(
+    task_name: str,
+    tp: quality_plan.TaskPlan,
+    logs: Path,
+    earlier: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     task = TASKS[task_name]
     facts = quality_plan.task_facts(task)
     logger.info("%s: %s", task_name, {k: v for k, v in facts.items() if k != "new_params"})
     blocks: dict[str, Any] = {}
+    done = _earlier_runs(earlier)
 
     def go(budget: str, s: Settings, start: dict[str, float] | None = None) -> dict[str, Any]:
+        settings = asdict(s)
+
         def one(method: str, options: dict[str, Any], jobs: list[tuple[float, int]]) -> list:
-            return launch(method, task_name, budget, s, options, jobs, logs)
+            # A run an earlier invocation finished (same settings and options) is not run again.
+            keys = [_run_key(budget, settings, method, options, lr, seed) for lr, seed in jobs]
+            todo = [job for job, key in zip(jobs, keys, strict=True) if key not in done]
+            ran = launch(method, task_name, budget, s, options, todo, logs) if todo else []
+            fresh = {(r["lr"], r["seed"]): r for r in ran}
+            return [done.get(k) or fresh[job] for job, k in zip(jobs, keys, strict=True)]
 
         return quality_plan.search_budget(task, s, facts, one, start)
 
@@ -245,7 +279,8 @@ def run_all(
         p: The plan (or some of its tasks).
         logs: Where each run's log and JSON go.
         previous: An earlier result of the same plan: its other tasks are kept, so that tasks run
-            by separate invocations (``--tasks``) add up to one result.
+            by separate invocations (``--tasks``) add up to one result, and its finished runs
+            are reused where a task runs again (a method added to the plan runs alone).
         save: Called with the result so far after each task, so that an interrupted run keeps
             the tasks it finished.
     """
@@ -262,7 +297,7 @@ def run_all(
         "tasks": out,
     }
     for task_name, tp in p.tasks.items():
-        out[task_name] = _run_task(task_name, tp, logs)
+        out[task_name] = _run_task(task_name, tp, logs, out.get(task_name))
         result["finished"] = runner.machine_load()
         if save is not None:
             save(result)

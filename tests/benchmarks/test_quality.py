@@ -186,3 +186,27 @@ def test_reduced_and_full_plans_are_estimated() -> None:
     full = quality_plan.estimate_minutes(quality_plan.FULL)
     assert full["total"] == pytest.approx(sum(v for k, v in full.items() if k != "total"))
     assert quality_plan.estimate_minutes(quality_plan.REDUCED)["total"] < 20
+
+
+def test_a_task_run_again_reuses_the_runs_it_finished() -> None:
+    from bench import quality
+
+    settings = {"train_samples": 8, "grid": [1e-4]}
+    opts = {"units_per_group": 4}
+    run = {"method": "hift-a", "lr": 1e-4, "seed": 0, "test_acc": 0.5}
+    failed = {"method": "hift-a", "lr": 3e-4, "seed": 0, "error": "boom"}
+    earlier = {
+        "budgets": {
+            "short": {"settings": settings, "options": {"hift-a": opts}, "results": [run, failed]}
+        }
+    }
+    done = quality._earlier_runs(earlier)
+    # A finished run is found under the key a new invocation computes; a failed one is run again.
+    assert done == {quality._run_key("short", settings, "hift-a", opts, 1e-4, 0): run}
+    assert (
+        quality._run_key("short", settings, "hift-a", {"units_per_group": 8}, 1e-4, 0) not in done
+    )
+    assert quality._run_key("long", settings, "hift-a", opts, 1e-4, 0) not in done
+    # A plan that gained a method still finds the runs of the others.
+    more = {**settings, "methods": ["fpft", "hift-a"]}
+    assert quality._run_key("short", more, "hift-a", opts, 1e-4, 0) in done
