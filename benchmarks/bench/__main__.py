@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     qp.add_argument("--reduced", action="store_true", help="a few minutes, to show it works")
     qp.add_argument("--complete", action="store_true", help="also SmolLM2's long budget")
     qp.add_argument(
-        "--session", action="store_true", help="the part that fits one session (about 75 min)"
+        "--session", action="store_true", help="the part that fits one session (about 90 min)"
     )
     qp.add_argument(
         "--tasks",
