@@ -270,11 +270,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         return [w for b in self._stepped() for w in self._tensors[b].weights]
 
     def master_parameters(self) -> list[nn.Parameter]:
-        """The tensors the active group's optimizer steps on.
+        """The tensors the next step updates: the active group's, then the always-active ones.
 
-        In mixed precision these are the group's fp32 master weights: after :meth:`unscale_` they
-        hold the unscaled fp32 gradients (for clipping or logging of your own); outside a step
-        their data is paged out to the store (empty tensors). In fp32 training they are the
+        In mixed precision these are fp32 master weights: after :meth:`unscale_` they hold the
+        unscaled fp32 gradients (for clipping or logging of your own); outside a step the active
+        group's are paged out to the store (empty tensors). In fp32 training they are the
         parameters of :meth:`active_parameters`, with a row shard in place of a sharded one.
         """
         source = self._masters if self._mixed else self._params
