@@ -33,6 +33,9 @@ COMMANDS = {
     "the quality plan on the reduced setting (minutes)": (
         "PYTHONPATH=benchmarks .venv/bin/python -m bench quality --reduced"
     ),
+    "the part of the quality plan this page shows (about 95 min; finished runs are reused)": (
+        "PYTHONPATH=benchmarks .venv/bin/python -m bench quality --session"
+    ),
     "the quality plan with SmolLM2's long budget too": (
         "PYTHONPATH=benchmarks .venv/bin/python -m bench quality --complete"
     ),
