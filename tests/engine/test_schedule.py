@@ -111,9 +111,12 @@ def test_mixed_precision_keeps_fp32_masters_of_the_always_active_head(batches, p
     torch.manual_seed(0)
     model = TinyLM()
     fp32 = copy.deepcopy(model)
-    config = HiFTConfig(always_active=HEAD, precision=precision, init_loss_scale=2.0**8)
+    # At the head's base rate, so that the tolerance below measures half-precision rounding.
+    mixed = {"precision": precision, "init_loss_scale": 2.0**8}
+    config = HiFTConfig(always_active=HEAD, always_active_lr_scale=1.0, **mixed)
     opt = HiFTOptimizer(model, torch.optim.AdamW, config, lr=LR)
-    ref = HiFTOptimizer(fp32, torch.optim.AdamW, HiFTConfig(always_active=HEAD), lr=LR)
+    plain = HiFTConfig(always_active=HEAD, always_active_lr_scale=1.0)
+    ref = HiFTOptimizer(fp32, torch.optim.AdamW, plain, lr=LR)
     data = batches[: 2 * opt.num_groups]
     for net, o in ((model, opt), (fp32, ref)):
         for ids in data:

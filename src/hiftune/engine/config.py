@@ -76,7 +76,8 @@ class HiFTConfig:
             k; a pattern that matches no trainable parameter is an error, and a large or tied
             parameter draws a warning (see :mod:`hiftune.engine.schedule`).
         always_active_lr_scale: Factor on the learning rate of the ``always_active`` parameters
-            (a scheduler scales from it).
+            (a scheduler scales from it). 3 by default: a new head trained at every step at 3x
+            the rate did best in the quality benchmark (docs/quality.md).
         steps_per_group: K, the optimizer steps each group takes before the next one becomes
             active (BAdam's "switch every K steps"); a cycle is then ``k * K`` steps, and a
             delayed scheduler still advances once per cycle. Each group keeps its optimizer state
@@ -120,7 +121,7 @@ class HiFTConfig:
         metadata={"help": "Regexes of parameters trained at every step (e.g. a new head)."},
     )
     always_active_lr_scale: float = field(
-        default=1.0, metadata={"help": "Learning-rate factor of the always-active parameters."}
+        default=3.0, metadata={"help": "Learning-rate factor of the always-active parameters."}
     )
     steps_per_group: int = field(
         default=1, metadata={"help": "Optimizer steps per group before switching (K >= 1)."}
