@@ -93,7 +93,8 @@ def machine_load() -> dict[str, Any]:
     return {
         "time": dt.datetime.now().isoformat(timespec="seconds"),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "top": [line[:120] for line in ps[:6]],
+        # Paths relative to the repository: a checkout's location is no fact about the load.
+        "top": [line.replace(f"{ROOT}/", "")[:120] for line in ps[:6]],
     }
 
 

@@ -86,7 +86,9 @@ def run_one(
         result = {"method": method, "batch_size": batch_size, "error": f"{reason}: {tail}"}
     result["wall_s"] = time.perf_counter() - start
     result["load_before"] = load
-    result["command"] = shlex.join(["python", "-m", "bench.worker", *cmd[3:-2]])
+    # Relative to the repository root, where the page says to run it from.
+    command = shlex.join(["python", "-m", "bench.worker", *cmd[3:-2]])
+    result["command"] = command.replace(f"{ROOT}/", "")
     return result
 
 
