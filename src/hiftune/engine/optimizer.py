@@ -176,6 +176,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             optimizer_class=class_name(self._inner[0]),
             precision=self.config.precision,
             rotating=len(bottom_up),
+            steps_per_group=self.config.steps_per_group,
         )
         weights = list({id(w): w for t in self._tensors for w in t.weights}.values())
         self._truncation = BackwardTruncation(model, self.units)
@@ -454,11 +455,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self._closed:
             self._check_usable()  # says why it is closed (e.g. a newer optimizer took over)
         meta = validate_state_dict(state_dict, self._layout)
-        if int(meta.get("group_steps", 0)) >= self.config.steps_per_group:
-            raise ValueError(
-                f"cannot load this HiFT state dict: it was saved {meta['group_steps']} steps into "
-                f"a group's visit, more than steps_per_group={self.config.steps_per_group} allows"
-            )
         for b, saved in enumerate(state_dict["groups"]):
             saved = {**saved, "masters": saved["masters"] if self._mixed else None}
             self._states.load(b, saved, self._params[b][0].device)

@@ -39,6 +39,8 @@ class Layout:
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         rotating: How many of the groups rotate (the queue's length); the others (the
             always-active parameters') come after them. ``None``: all of them.
+        steps_per_group: K, the steps of one visit (a checkpoint saved further into a visit
+            does not load).
     """
 
     names: list[list[str]]
@@ -48,6 +50,7 @@ class Layout:
     optimizer_class: str
     precision: str
     rotating: int | None = None
+    steps_per_group: int = 1
 
     def to_meta(self) -> dict[str, Any]:
         """The layout's part of a state dict's ``"hift"`` entry (plain values)."""
@@ -121,8 +124,14 @@ def validate_state_dict(state_dict: object, layout: Layout) -> Mapping[str, Any]
     position = meta["position"]
     if not _is_count(position) or position >= k:
         raise _fail(f"its queue position {position!r} is not one of the {k} groups (0..{k - 1})")
-    if "group_steps" in meta and not _is_count(meta["group_steps"]):
-        raise _fail(f"its group_steps count {meta['group_steps']!r} is not a non-negative integer")
+    group_steps = meta.get("group_steps", 0)
+    if not _is_count(group_steps):
+        raise _fail(f"its group_steps count {group_steps!r} is not a non-negative integer")
+    if group_steps >= layout.steps_per_group:
+        raise _fail(
+            f"it was saved {group_steps} steps into a group's visit, more than "
+            f"steps_per_group={layout.steps_per_group} allows"
+        )
     for key in ("cycle", "steps"):
         if not _is_count(meta[key]):
             raise _fail(f"its {key} count {meta[key]!r} is not a non-negative integer")
