@@ -38,7 +38,7 @@ ENGINE_FORBIDDEN = ("transformers", "trl", "accelerate", "datasets", "matplotlib
 
 
 def _part(module: str) -> str:
-    """``hiftune.engine.units`` -> ``engine``; ``hiftune`` -> ``""`` (the package's face)."""
+    """``hiftune.engine.split.units`` -> ``engine``; ``hiftune`` -> ``""`` (the package's face)."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 

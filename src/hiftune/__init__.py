@@ -4,15 +4,15 @@ The public API is small::
 
     from hiftune import HiFTConfig, HiFTOptimizer
 
-Everything else stays importable from its module (e.g. ``hiftune.engine.paging.HostStore``,
+Everything else stays importable from its module (e.g. ``hiftune.engine.state.paging.HostStore``,
 ``hiftune.integrations.transformers.HiFTTrainer``); see ``docs/design.md`` for the layers.
 """
 
 from .engine.config import HiFTConfig
-from .engine.delay import DelayedLR
 from .engine.optimizer import HiFTOptimizer
-from .engine.paging import DiskStore, StateStore
-from .engine.units import split_units
+from .engine.schedule.delay import DelayedLR
+from .engine.split.units import split_units
+from .engine.state.paging import DiskStore, StateStore
 
 __version__ = "0.2.0.dev0"
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hiftune import HiFTConfig, HiFTOptimizer
-from hiftune.engine.units import split_units
+from hiftune.engine.split.units import split_units
 from tinymodels import TinyLM, lm_loss
 
 STEPS = 8

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from hiftune import HiFTConfig, HiFTOptimizer
-from hiftune.engine import paging, tempdirs
-from hiftune.engine.paging import DiskStore, KeepStore
+from hiftune.engine.state import paging, tempdirs
+from hiftune.engine.state.paging import DiskStore, KeepStore
 from tinymodels import TinyLM, lm_loss, snapshot, train_steps
 
 # --- 6: a failed page-out loses nothing ------------------------------------------------------
@@ -320,7 +320,7 @@ def test_stale_temporary_directories_of_dead_processes_are_removed(tmp_path, mon
 def test_the_state_directory_of_a_killed_process_is_removed_by_the_next(tmp_path, monkeypatch):
     script = (
         "import os, signal, torch\n"
-        "from hiftune.engine.paging import DiskStore\n"
+        "from hiftune.engine.state.paging import DiskStore\n"
         "store = DiskStore()\n"
         "store.put(0, {'a': torch.ones(3)})\n"
         "print(store.directory, flush=True)\n"

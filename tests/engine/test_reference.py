@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hiftune import HiFTConfig, HiFTOptimizer
-from hiftune.engine.order import group_order
+from hiftune.engine.schedule.order import group_order
 from tinymodels import TinyLM, lm_loss, snapshot, train_steps
 
 LR = 1e-2

@@ -13,7 +13,7 @@ import torch
 from hiftune import HiFTConfig, HiFTOptimizer, split_units
 from hiftune.engine.optimizers import resolve_optimizer
 from hiftune.engine.shards import RowShard, take_grads
-from hiftune.engine.units import group_units, unit_numel
+from hiftune.engine.split.units import group_units, unit_numel
 from tinymodels import TinyLM, lm_loss, snapshot, tiny_hf_config, train_steps
 
 #: TinyLM(vocab=200): its embedding (200 x 16 = 3200 parameters) is ~3 blocks (1104 each), so the

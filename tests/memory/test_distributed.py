@@ -7,7 +7,7 @@ import torch
 import transformers as T
 
 from hiftune import HiFTConfig, HiFTOptimizer
-from hiftune.engine.units import group_units, split_units
+from hiftune.engine.split.units import group_units, split_units
 from hiftune.errors import UserError
 from hiftune.memory.distributed import MiB, estimate_per_rank
 from tinymodels import tiny_hf_config

@@ -157,7 +157,7 @@ def test_sequence_classification_head_is_included():
     assert rows[("fpft", "sgd", "fp32")].trainable_params == want
 
     model = build_meta_model("llama-2-7b", task="seq-cls", num_labels=labels)
-    from hiftune.engine.units import split_units
+    from hiftune.engine.split.units import split_units
 
     head = split_units(model)[-1]
     assert head.name == "head" and "score.weight" in head.params

@@ -10,7 +10,7 @@ from torch import nn
 
 from hiftune import HiFTConfig
 from hiftune.cli import main
-from hiftune.engine.units import Unit
+from hiftune.engine.split.units import Unit
 from hiftune.errors import UserError
 from hiftune.memory import gradient_check
 from hiftune.memory import inspect as inspect_module

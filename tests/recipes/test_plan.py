@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hiftune.engine.units import group_name, group_units, split_units
+from hiftune.engine.split.units import group_name, group_units, split_units
 from hiftune.memory.estimate import estimate
 from hiftune.recipes.config import TrainRecipeConfig
 from hiftune.recipes.plan import build_plan, compress_names

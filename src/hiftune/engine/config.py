@@ -38,7 +38,7 @@ class HiFTConfig:
             split: a block into its child modules (attention, MLP, experts; recursively, small
             consecutive children packed together in execution order), any other unit into its
             parameters, and a single parameter over budget into row shards along its first
-            dimension (see :mod:`hiftune.engine.subunits` for the names). ``"auto"`` is the
+            dimension (see :mod:`hiftune.engine.split.subunits` for the names). ``"auto"`` is the
             trainable parameter count of the largest block (so that no unit is larger than a
             block; no split when there are no blocks, as with a ``units`` override); ``None`` turns
             splitting off (the paper's split: a unit is never smaller than a layer).
@@ -66,7 +66,7 @@ class HiFTConfig:
             than one process; ``False`` never (e.g. when something else already synchronises).
         shard_state: In data parallelism, keep each group's optimizer state only on the rank that
             owns it (group ``b`` on rank ``b % N``), which steps it and broadcasts the new weights
-            (see :mod:`hiftune.engine.zero`). Results equal the unsharded run; paged state per rank
+            (see :mod:`hiftune.engine.state.zero`). Results equal the unsharded run; paged state per rank
             drops about N times. ``precision="fp32"`` only; no effect on one process.
         always_active: Parameters trained at every step, beside the rotating groups: regular
             expressions matched in full against ``model.named_parameters()`` names (a tied
@@ -74,7 +74,7 @@ class HiFTConfig:
             their own whose state stays on the device, never paged. Meant for a small, newly
             initialised head (``classifier.*``, ``score.*``) that would otherwise learn one step in
             k; a pattern that matches no trainable parameter is an error, and a large or tied
-            parameter draws a warning (see :mod:`hiftune.engine.schedule`).
+            parameter draws a warning (see :mod:`hiftune.engine.schedule.rotation`).
         always_active_lr_scale: Factor on the learning rate of the ``always_active`` parameters
             (a scheduler scales from it). 3 by default: a new head trained at every step at 3x
             the rate did best in the quality benchmark (docs/quality.md).

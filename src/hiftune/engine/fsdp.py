@@ -10,7 +10,7 @@ the optimizer:
   parameters, see :mod:`.distributed`);
 * the user's optimizer steps on the active group's local shards (torch optimizers accept
   ``DTensor`` parameters), so its state is sharded the same way;
-* the paged state of inactive groups is stored as local shards (:mod:`.paging`), so each rank's
+* the paged state of inactive groups is stored as local shards (:mod:`.state.paging`), so each rank's
   host or disk holds ``1/N`` of it.
 
 One thing must happen before sharding: the unit split. HiFT traces a forward pass on a ``meta``
@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import HiFTConfig
 from .distributed import is_sharded
-from .units import Unit, split_units
+from .split.units import Unit, split_units
 
 __all__ = ["pin_units", "shard_by_units"]
 

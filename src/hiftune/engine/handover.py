@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import precision
-from .inner import GroupStates, ParamGroupsFn, param_groups
-from .paging import StateStore
 from .shards import GroupTensors
+from .state import precision
+from .state.inner import GroupStates, ParamGroupsFn, param_groups
+from .state.paging import StateStore
 
 #: A weight (its rows, for a row shard) and the fp32 master data it takes back.
 Restore = tuple[nn.Parameter, tuple[int, int] | None, torch.Tensor]

@@ -9,8 +9,8 @@ or patched. Each :meth:`HiFTOptimizer.step` then
 3. pages the state back out, freezes the group and unfreezes the next one in the queue.
 
 Freezing everything but the active group is what truncates backward (see :mod:`.truncation`).
-The delayed scheduler lives in :mod:`.delay`, the one-optimizer-per-model bookkeeping in
-:mod:`.claims`, the gradient all-reduce in :mod:`.distributed`, the paging in :mod:`.paging`, the
+The delayed scheduler lives in :mod:`.schedule.delay`, the one-optimizer-per-model bookkeeping in
+:mod:`.claims`, the gradient all-reduce in :mod:`.distributed`, the paging in :mod:`.state.paging`, the
 row shards of a split parameter in :mod:`.shards`, and taking the model over and handing it back
 (masters, casts, trainability) in :mod:`.handover`.
 """
@@ -25,22 +25,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import precision
 from .claims import claim_model, release_claim, release_stale_claim
 from .config import HiFTConfig
-from .delay import DelayedLR
 from .distributed import all_reduce_mean, should_sync, world_size
 from .handover import Handover
-from .inner import GroupStates, ParamGroupsFn
-from .paging import StateStore, make_store
-from .precision import DTYPES, LossScaler
 from .rowgrad import row_gradient_owners
-from .schedule import split_groups
+from .schedule.delay import DelayedLR
+from .schedule.rotation import split_groups
 from .shards import GroupTensors, take_grads
-from .state_dict import STATE_DICT_VERSION, Layout, class_name, validate_state_dict
+from .split.units import Unit, group_name
+from .state import precision
+from .state.inner import GroupStates, ParamGroupsFn
+from .state.paging import StateStore, make_store
+from .state.precision import DTYPES, LossScaler
+from .state.state_dict import STATE_DICT_VERSION, Layout, class_name, validate_state_dict
+from .state.zero import StateSharding
 from .truncation import BackwardTruncation
-from .units import Unit, group_name
-from .zero import StateSharding
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         param_groups_fn: Optional per-parameter options: receives one group's ``(name, param)``
             pairs and returns torch param-group dicts for them (e.g. weight decay 0 for biases and
             norms). By default each HiFT group is one param group.
-        store: Optional :class:`~hiftune.engine.paging.StateStore` to hold inactive groups' state,
+        store: Optional :class:`~hiftune.engine.state.paging.StateStore` to hold inactive groups' state,
             instead of the one ``config.offload`` names (e.g. a store of your own, or a
             ``DiskStore(write_behind=True)``).
         **optimizer_kwargs: Passed unchanged to ``optimizer_cls`` for every group.
@@ -80,7 +80,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
     optimizer then steps a row shard, an ``nn.Parameter`` viewing those rows (see
     :mod:`hiftune.engine.shards`, also for what a sharded step costs).
 
-    The schedule options (:mod:`hiftune.engine.schedule`): with ``HiFTConfig.steps_per_group`` K
+    The schedule options (:mod:`hiftune.engine.schedule.rotation`): with ``HiFTConfig.steps_per_group`` K
     each group takes K steps before the next one becomes active; the parameters
     ``HiFTConfig.always_active`` names are trained at every step by one more optimizer (same
     class and arguments, learning rate times ``always_active_lr_scale``) whose state is never

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .rowgrad import RowGradients
-from .units import Unit
+from .split.units import Unit
 
 
 class RowShard:

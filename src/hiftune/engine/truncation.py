@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .units import Unit, group_cut
+from .split.units import Unit, group_cut
 
 #: The flag Hugging Face blocks carry when gradient checkpointing is on. Read and written by name:
 #: it is a plain attribute of some modules, not part of ``nn.Module``.
@@ -28,7 +28,7 @@ class BackwardTruncation:
     """Keeps autograd from building a graph below the lowest active block.
 
     Pre-hooks detach the inputs of the blocks that provably run before any parameter of the
-    active group is used (the group's :attr:`~hiftune.engine.units.Unit.cut`, found by tracing a
+    active group is used (the group's :attr:`~hiftune.engine.split.units.Unit.cut`, found by tracing a
     forward pass), and nothing else: a parameter used before the blocks, between two stacks or by
     every block keeps its gradient. When the highest of those blocks is itself active and
     checkpointed, it gets a fresh grad-requiring input so that reentrant checkpointing still

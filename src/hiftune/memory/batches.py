@@ -2,7 +2,7 @@
 
 The gradient check (:mod:`.gradient_check`) and the activation estimate (:mod:`.estimate`) run a
 model once on a dummy batch. Its inputs other than token ids come from the engine's tracer
-(:func:`hiftune.engine.dummy.dummy_inputs`: pixels, spectrograms, waveforms sized by the config);
+(:func:`hiftune.engine.split.dummy.dummy_inputs`: pixels, spectrograms, waveforms sized by the config);
 its labels follow the head (:data:`.configs.HEADS`).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.dummy import SEQ_LEN, dummy_inputs
+from ..engine.split.dummy import SEQ_LEN, dummy_inputs
 from .configs import HEADS
 
 #: Token-id inputs of a dummy batch, where the forward takes them.
@@ -33,9 +33,9 @@ def dummy_batches(
     """Keyword batches of ``batch_size`` dummy examples for a ``head`` model, to try in order.
 
     The inputs other than token ids (pixels, a spectrogram, a waveform) are those of
-    :func:`hiftune.engine.dummy.dummy_inputs`, sized by the config and repeated over the batch; a
+    :func:`hiftune.engine.split.dummy.dummy_inputs`, sized by the config and repeated over the batch; a
     waveform is ``seq_len`` samples long if given. Token ids are ``seq_len`` (default
-    :data:`~hiftune.engine.dummy.SEQ_LEN`) zeros ending in the end-of-sequence id (T5 and BART
+    :data:`~hiftune.engine.split.dummy.SEQ_LEN`) zeros ending in the end-of-sequence id (T5 and BART
     classification heads pool there), given as ``input_ids`` and ``decoder_input_ids`` where the
     forward takes them. With pixels and a config naming an image token (a vision-language model),
     the sequence starts with one image token per image feature (as many as the model makes of the

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..engine.config import PRECISIONS, HiFTConfig
 from ..engine.fsdp import fsdp_units
-from ..engine.units import group_name, group_units, split_units, unit_numel
+from ..engine.split.units import group_name, group_units, split_units, unit_numel
 from ..errors import UserError, first_line
 from .estimate import build_meta_model
 from .state_sizer import StateSizer

@@ -1,7 +1,7 @@
 """Predict the training memory of FPFT and HiFT from a model's architecture alone.
 
 The model is built on the ``meta`` device (shapes, no storage), split into units and groups by
-the same :func:`hiftune.engine.units.split_units` / :func:`hiftune.engine.units.group_units` that
+the same :func:`hiftune.engine.split.units.split_units` / :func:`hiftune.engine.split.units.group_units` that
 training uses, and every figure follows from parameter shapes.
 
 Precisions are the names every hiftune command uses (``fp32``, ``bf16``, ``fp16``). What a half
@@ -52,10 +52,10 @@ from torch import nn
 
 from ..engine.config import PRECISIONS, HiFTConfig
 from ..engine.optimizers import METHODS, OPTIMIZERS
-from ..engine.precision import DTYPES
 from ..engine.rowgrad import row_gradient_names
-from ..engine.trace import MetaAnswers
-from ..engine.units import Unit, group_name, group_units, split_model, unit_numel
+from ..engine.split.trace import MetaAnswers
+from ..engine.split.units import Unit, group_name, group_units, split_model, unit_numel
+from ..engine.state.precision import DTYPES
 from ..errors import UserError, first_line
 from .batches import dummy_batches, first_that_runs
 from .configs import build_model, head_of, resolve_config

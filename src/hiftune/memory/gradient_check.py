@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..engine.trace import MetaAnswers
+from ..engine.split.trace import MetaAnswers
+from ..engine.split.units import Unit, group_name
 from ..engine.truncation import BackwardTruncation
-from ..engine.units import Unit, group_name
 from .batches import dummy_batches, first_that_runs
 
 #: A model that cannot run on ``meta`` is rebuilt for the check up to this many parameters.

@@ -1,6 +1,6 @@
 """See HiFT's unit split before training: units, groups in training order, sizes and warnings.
 
-The model is split by the same :func:`hiftune.split_units` / :func:`~hiftune.engine.units.group_units`
+The model is split by the same :func:`hiftune.split_units` / :func:`~hiftune.engine.split.units.group_units`
 that training uses (usually on a model built on the ``meta`` device, see
 :func:`hiftune.memory.estimate.build_meta_model`), and every figure is read from
 ``model.named_parameters()``, which lists a tied tensor once.
@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from ..engine.config import PRECISIONS, HiFTConfig
-from ..engine.order import group_order
-from ..engine.precision import DTYPES
-from ..engine.units import Unit, group_name, group_units, split_units, unit_numel
+from ..engine.schedule.order import group_order
+from ..engine.split.units import Unit, group_name, group_units, split_units, unit_numel
+from ..engine.state.precision import DTYPES
 from ..errors import UserError, first_line
 from .gradient_check import FULL, check_gradients
 

@@ -30,7 +30,7 @@ import torch
 
 from ..engine.config import PRECISIONS, HiFTConfig
 from ..engine.optimizers import METHODS
-from ..engine.units import group_units, split_units
+from ..engine.split.units import group_units, split_units
 from ..errors import UserError
 from . import profile_worker
 from .configs import build_model

@@ -464,7 +464,7 @@ def check_model_fits(
         )
     if units_per_group is None:
         return None
-    from ..engine.units import split_units
+    from ..engine.split.units import split_units
 
     try:
         n = len(split_units(model, config))

@@ -28,8 +28,8 @@ from typing import Any
 
 from torch import nn
 
-from ..engine.schedule import updates_per_group
-from ..engine.units import always_active_names
+from ..engine.schedule.rotation import updates_per_group
+from ..engine.split.units import always_active_names
 from ..errors import UserError, first_line
 
 AUTO = "auto"

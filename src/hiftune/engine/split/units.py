@@ -33,10 +33,11 @@ from dataclasses import dataclass, field, replace
 
 from torch import nn
 
+from ..config import HiFTConfig
+
 # Where the blocks are (and the per-architecture hints) lives in .blocks; its names are
 # re-exported here, where callers have always found them.
 from .blocks import ARCHITECTURES, ArchitectureHints, find_block_stacks, find_blocks, model_type
-from .config import HiFTConfig
 from .dummy import input_embeddings
 
 # Units -> groups lives in .groups; its names are re-exported here, where callers have always
@@ -78,7 +79,7 @@ class Unit:
     Attributes:
         name: ``"embed"``, ``"layers.<i>"`` or ``"head"`` (or the user's names with an override);
             a sub-unit adds what it holds, e.g. ``"layers.3.mlp"`` or ``"embed[0:6144]"`` (see
-            :mod:`hiftune.engine.subunits`).
+            :mod:`hiftune.engine.split.subunits`).
         params: Names of the unit's trainable parameters, as in ``model.named_parameters()``. A
             sharded parameter appears in several units, each holding some of its rows.
         module: Dotted path of the block the unit lies in (the whole block, or a part of it after

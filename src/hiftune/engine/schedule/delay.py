@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # only for the annotation: the optimizer module imports this one
-    from .optimizer import HiFTOptimizer
+    from ..optimizer import HiFTOptimizer
 
 
 class DelayedLR:

@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .distributed import BUCKET_BYTES, buckets
+from ..distributed import BUCKET_BYTES, buckets
 from .paging import StateStore, Tensors
 
 __all__ = ["ShardedStore", "StateSharding"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hiftune.engine.dummy import dummy_calls
+from hiftune.engine.split.dummy import dummy_calls
 from tinymodels import TinyLM
 
 META = torch.device("meta")

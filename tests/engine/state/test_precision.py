@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hiftune import HiFTConfig, HiFTOptimizer
-from hiftune.engine.precision import LossScaler
+from hiftune.engine.state.precision import LossScaler
 from tinymodels import TinyLM, lm_loss
 
 

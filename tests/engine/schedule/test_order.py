@@ -1,6 +1,6 @@
 import pytest
 
-from hiftune.engine.order import group_order
+from hiftune.engine.schedule.order import group_order
 
 
 def test_fixed_orders():

@@ -142,7 +142,7 @@ def make_masters(
     """fp32 master copies of ``params``, which are then cast to ``dtype`` in place.
 
     Each cast parameter is appended to ``cast`` with its dtype before, for :func:`restore_weights`.
-    Row shards among ``params`` (views of some rows of a weight, see :mod:`.shards`) get a master
+    Row shards among ``params`` (views of some rows of a weight, see :mod:`..shards`) get a master
     of their rows but are not cast: their weight is cast whole, with the frozen parameters.
     """
     masters = [nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in params]

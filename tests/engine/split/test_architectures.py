@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from hiftune import HiFTConfig, HiFTOptimizer, split_units
-from hiftune.engine.dummy import input_embeddings
-from hiftune.engine.trace import trace_forward
-from hiftune.engine.units import find_block_stacks, unit_numel
+from hiftune.engine.split.dummy import input_embeddings
+from hiftune.engine.split.trace import trace_forward
+from hiftune.engine.split.units import find_block_stacks, unit_numel
 from tinymodels import MODALITY_HEADS, tiny_auto_model
 
 #: (model_type, head, number of blocks over all stacks).

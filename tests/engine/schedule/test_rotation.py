@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from hiftune import HiFTConfig, HiFTOptimizer
-from hiftune.engine.schedule import Rotation, cycles_in, updates_per_group
-from hiftune.engine.units import split_model
+from hiftune.engine.schedule.rotation import Rotation, cycles_in, updates_per_group
+from hiftune.engine.split.units import split_model
 from tinymodels import TinyLM, lm_loss, snapshot, train_steps
 
 LR = 1e-2

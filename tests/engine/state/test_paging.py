@@ -12,8 +12,8 @@ import weakref
 import pytest
 import torch
 
-from hiftune.engine import paging
-from hiftune.engine.paging import DiskStore, HostStore, KeepStore
+from hiftune.engine.state import paging
+from hiftune.engine.state.paging import DiskStore, HostStore, KeepStore
 
 
 def _tensors():
@@ -211,7 +211,7 @@ def test_disk_put_keeps_no_reference_once_it_returns(tmp_path):
 
 _CYCLES = """
 import json, os, torch
-from hiftune.engine import paging
+from hiftune.engine.state import paging
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from hiftune import HiFTConfig, HiFTOptimizer, split_units
-from hiftune.engine import trace
-from hiftune.engine.subunits import row_shards
-from hiftune.engine.units import Unit, balanced_bounds, find_blocks, group_units, unit_numel
+from hiftune.engine.split import trace
+from hiftune.engine.split.subunits import row_shards
+from hiftune.engine.split.units import Unit, balanced_bounds, find_blocks, group_units, unit_numel
 from tinymodels import (
     Block,
     SharedBiasLM,

@@ -24,9 +24,9 @@ from typing import Any
 
 from torch import nn
 
-from .config import HiFTConfig
+from ..config import HiFTConfig
+from ..split.units import Unit, always_active_names, group_units, split_model, unit_numel
 from .order import group_order
-from .units import Unit, always_active_names, group_units, split_model, unit_numel
 
 
 @dataclass
@@ -117,12 +117,12 @@ class Split:
 
 
 def split_groups(model: nn.Module, config: HiFTConfig) -> Split:
-    """Splits ``model`` into units (:func:`~hiftune.engine.units.split_model`) and packs the
+    """Splits ``model`` into units (:func:`~hiftune.engine.split.units.split_model`) and packs the
     rotating ones into groups; warns when the always-active set is not cheap.
 
     Raises:
-        ValueError: As :func:`~hiftune.engine.units.split_model` and
-            :func:`~hiftune.engine.units.group_units`.
+        ValueError: As :func:`~hiftune.engine.split.units.split_model` and
+            :func:`~hiftune.engine.split.units.group_units`.
     """
     units, always = split_model(model, config)
     shapes = {n: p.shape for n, p in model.named_parameters()}
@@ -144,11 +144,11 @@ def always_active_warnings(
     """Why training ``always`` at every step may not be cheap; empty when it is.
 
     Args:
-        always: The always-active unit (see :func:`~hiftune.engine.units.split_model`).
+        always: The always-active unit (see :func:`~hiftune.engine.split.units.split_model`).
         groups: The rotating groups' units.
         shapes: Each parameter's full shape by name.
         aliases: Tied names the patterns matched (see
-            :func:`~hiftune.engine.units.always_active_names`).
+            :func:`~hiftune.engine.split.units.always_active_names`).
     """
     out = []
     size = unit_numel(always, shapes)

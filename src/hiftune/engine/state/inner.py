@@ -3,7 +3,7 @@
 HiFTOptimizer builds one instance of the user's optimizer class per HiFT group. This module holds
 what it needs to know about such an instance without touching its code: how to give it per-parameter
 options, and how its ``state`` (plus the group's fp32 masters) becomes the flat ``{name: tensor}``
-dict a :class:`~hiftune.engine.paging.StateStore` holds, and back (:class:`GroupStates` pages every
+dict a :class:`~hiftune.engine.state.paging.StateStore` holds, and back (:class:`GroupStates` pages every
 group's state in and out). The flat names are ``state.<i>.<key>`` for the state entry ``key`` of the
 optimizer's i-th parameter, and ``master.<i>`` for the i-th master weight.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from .config import ORDERS
+from ..config import ORDERS
 
 
 def group_order(num_groups: int, order: str, seed: int = 0) -> list[int]:

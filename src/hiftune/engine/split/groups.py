@@ -32,7 +32,7 @@ def group_units(
         units_per_group: m.
         group_by: ``"count"``: m units per group (the last may hold fewer). ``"size"``: the k
             groups whose largest ``sizes`` sum is as small as possible (:func:`balanced_bounds`).
-        sizes: The size of each unit (e.g. :func:`~hiftune.engine.units.unit_numel`); needed for
+        sizes: The size of each unit (e.g. :func:`~hiftune.engine.split.units.unit_numel`); needed for
             ``"size"``.
 
     Raises:
