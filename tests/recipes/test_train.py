@@ -104,6 +104,26 @@ def test_seq_cls_with_an_encoder(
     assert model.config.num_labels == 2
 
 
+def test_a_saved_classifier_names_its_classes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_bert: Path, cls_jsonl: Path
+) -> None:
+    code, out, _ = run_cli(
+        capsys, "--model", tiny_bert, "--task", "seq-cls", "--data", cls_jsonl, *CLS, *FAST,
+        "--no-zero-shot", "--output-dir", tmp_path,
+    )  # fmt: skip
+    assert code == 0, out
+    from transformers import AutoConfig, pipeline
+
+    # The data's labels, in label order (sorted), not LABEL_0 / LABEL_1.
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert config.id2label == {0: "negative", 1: "positive"}
+    assert config.label2id == {"negative": 0, "positive": 1}
+    answers = pipeline("text-classification", model=str(tmp_path), device="cpu")(
+        ["a great movie", "a terrible movie"]
+    )
+    assert {a["label"] for a in answers} <= {"negative", "positive"}
+
+
 def test_also_eval_reports_the_other_split(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_bert: Path, cls_jsonl: Path
 ) -> None:

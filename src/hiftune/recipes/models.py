@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -337,6 +338,7 @@ def load_model_and_tokenizer(
     name: str | None = None,
     dtype: str = "fp32",
     loading_info: bool = False,
+    labels: Sequence[str] | None = None,
 ) -> tuple[Any, ...]:
     """Loads the model for ``task`` and its tokenizer, with a pad token.
 
@@ -350,6 +352,10 @@ def load_model_and_tokenizer(
         loading_info: Also return the names of the weights the checkpoint did not contain
             (initialised afresh, e.g. a new classification head; tied weights included), which
             ``--always-active auto`` trains at every step.
+        labels: ``seq-cls``: the class names in label order (their number replaces
+            ``num_labels``). They go into the model's config as ``id2label`` / ``label2id``, so
+            the saved model names its classes (``pipeline()`` answers ``positive``, not
+            ``LABEL_1``).
 
     Returns:
         ``(model, tokenizer)``, or ``(model, tokenizer, new_weights)`` with ``loading_info``.
@@ -400,6 +406,13 @@ def load_model_and_tokenizer(
     else:
         auto = AutoModelForSequenceClassification
         extra = {"num_labels": num_labels, "pad_token_id": tokenizer.pad_token_id}
+        if labels is not None:
+            names = [str(label) for label in labels]
+            extra.update(
+                num_labels=len(names),
+                id2label=dict(enumerate(names)),
+                label2id={label: i for i, label in enumerate(names)},
+            )
     try:
         model, info = auto.from_pretrained(
             where, dtype=DTYPES[dtype], output_loading_info=True, **kwargs, **extra

@@ -178,10 +178,10 @@ class Recipe:
         model, tokenizer, new_weights = load_model_and_tokenizer(
             source,
             cfg.task,
-            num_labels=len(classes or [0, 1]),
             name=cfg.model,
             dtype=cfg.dtype,
             loading_info=True,
+            labels=classes,  # seq-cls: the saved model's config names the user's classes
         )
         hift = cfg.method == "hift"
         always = resolve_always_active(model, cfg.always_active if hift else NONE, new_weights)
