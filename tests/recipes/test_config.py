@@ -39,6 +39,17 @@ def test_bad_values_are_user_errors() -> None:
         TrainRecipeConfig(scheduler="reduce_lr_on_plateau")  # needs metrics HiFT has no cycle of
 
 
+def test_system_prompt_and_chat_template_are_sft_options() -> None:
+    cfg = TrainRecipeConfig(task="sft", system_prompt="", chat_template="{{ messages }}")
+    assert (cfg.system_prompt, cfg.chat_template) == ("", "{{ messages }}")
+    with pytest.raises(UserError, match="system_prompt is for task sft only"):
+        TrainRecipeConfig(system_prompt="Be brief.")
+    with pytest.raises(UserError, match="chat_template must be a file or a Jinja string"):
+        TrainRecipeConfig(task="sft", chat_template=" ")
+    with pytest.raises(UserError, match="system_prompt must be text"):
+        build_config({"task": "sft", "system_prompt": 3})
+
+
 def test_file_then_explicit_values(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("units-per-group: 2\nlr: 0.5\n")

@@ -86,8 +86,13 @@ class TrainRecipeConfig:
         model: A preset name (:data:`~hiftune.recipes.models.PRESETS`), a local Hugging Face
             model directory, or a Hub id (with ``revision``; ``trust_remote_code`` lets its own
             code run; ``dtype``: ``fp32``, ``bf16``, ``fp16`` or ``auto``, the checkpoint's).
-        task: ``prompt-cls``, ``seq-cls`` or ``sft`` (``sft`` takes ``messages``,
-            ``prompt``/``completion`` or plain ``text`` rows; see :mod:`hiftune.recipes.chat`).
+        task: ``prompt-cls``, ``seq-cls`` or ``sft`` (``sft`` takes ``messages``, ShareGPT
+            ``conversations``, Alpaca ``instruction``/``output``, ``prompt``/``completion`` or
+            plain ``text`` rows; see :mod:`hiftune.recipes.chat`).
+        system_prompt: ``sft``: the system message of every conversation, replacing the data's
+            (``""``: an empty one, which also keeps a template's default system prompt out).
+        chat_template: ``sft``: the chat template to use instead of the tokenizer's, as a file
+            path or a Jinja string (saved with the fine-tuned model's tokenizer).
         data: Local JSONL/JSON/CSV/TSV/Parquet/text files (a path, a list or a glob), a
             ``save_to_disk`` directory, a directory of data files, or a Hub dataset id (with
             ``data_config``); ``None`` uses the bundled movie-review sentiment data. See
@@ -148,6 +153,8 @@ class TrainRecipeConfig:
     completion_field: str = "completion"
     response_field: str = "response"
     messages_field: str = "messages"
+    system_prompt: str | None = None
+    chat_template: str | None = None
     template: str = DEFAULT_TEMPLATE
     label_words: list[str] | None = None
     method: str = "hift"
@@ -264,6 +271,17 @@ class TrainRecipeConfig:
             raise UserError(
                 f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}"
             )
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise UserError(f"system_prompt must be text, got {self.system_prompt!r}")
+        if self.chat_template is not None and not (
+            isinstance(self.chat_template, str) and self.chat_template.strip()
+        ):
+            raise UserError(
+                f"chat_template must be a file or a Jinja string, got {self.chat_template!r}"
+            )
+        for name in ("system_prompt", "chat_template"):
+            if getattr(self, name) is not None and self.task != "sft":
+                raise UserError(f"{name} is for task sft only; task {self.task} does not use it")
         if "{text}" not in self.template:
             raise UserError(f"template must contain {{text}}, got {self.template!r}")
         if isinstance(self.label_words, str):
