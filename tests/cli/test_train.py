@@ -29,6 +29,11 @@ def test_schedule_flags_reach_the_config() -> None:
     assert parse("--units-per-group", "3").units_per_group == 3
 
 
+def test_sft_prompt_flags_reach_the_config() -> None:
+    cfg = parse("--task", "sft", "--system-prompt", "", "--chat-template", "{{ messages }}")
+    assert (cfg.system_prompt, cfg.chat_template) == ("", "{{ messages }}")
+
+
 def test_schedule_defaults_are_the_recipes(capsys: pytest.CaptureFixture[str]) -> None:
     cfg = parse()
     assert (cfg.units_per_group, cfg.always_active, cfg.steps_per_group) == (

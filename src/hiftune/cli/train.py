@@ -77,8 +77,9 @@ def _add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
         choices=TASKS,
         default=S,
         help="prompt-cls: label word after a prompt; seq-cls: classification head; sft: chat "
-        "messages (loss on the assistant turns), prompt/completion pairs (loss on the "
-        "completion) or plain text (loss on all tokens), detected from the fields "
+        "messages or ShareGPT conversations (loss on the assistant turns), Alpaca "
+        "instruction/input/output or prompt/completion pairs (loss on the answer) or plain text "
+        "(loss on all tokens), detected from the fields "
         f"(default {d.task})",
     )
     g.add_argument(
@@ -102,6 +103,18 @@ def _add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"sft (default {d.completion_field}; else --response-field)",
     )
     g.add_argument("--response-field", default=S, help=f"sft (default {d.response_field})")
+    g.add_argument(
+        "--system-prompt",
+        default=S,
+        help="sft: the system message of every conversation, replacing the data's ('' for an "
+        "empty one, which keeps a template's default system prompt out)",
+    )
+    g.add_argument(
+        "--chat-template",
+        default=S,
+        help="sft: a chat template file or Jinja string to use instead of the tokenizer's "
+        "(saved with the fine-tuned model)",
+    )
     g.add_argument(
         "--template", default=S, help=f"prompt-cls prompt with {{text}} (default {d.template!r})"
     )
