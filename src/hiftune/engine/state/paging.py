@@ -12,6 +12,9 @@ backward pass), and ``get`` that group when its step comes.
 Sharded tensors (``DTensor``, e.g. the optimizer state of an FSDP2 model's parameters) are stored
 as their local shard and rebuilt on the way back (:func:`to_local` / :func:`from_local`), so each
 rank keeps only its own shard, on host or disk.
+
+This module holds the disk store and :func:`make_store`, and re-exports the rest: the interface,
+the byte counter and the in-place store live in :mod:`.store`, the host store in :mod:`.host`.
 """
 
 from __future__ import annotations
@@ -22,236 +25,40 @@ import logging
 import os
 import sys
 import weakref
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.distributed.tensor import DTensor
 
+from .host import HostStore
+from .store import (
+    KeepStore,
+    ShardSpec,
+    StateStore,
+    Tensors,
+    from_local,
+    tensor_bytes,
+    to_local,
+)
 from .tempdirs import OwnedDir, make_owned_temp_dir
 
+__all__ = [
+    "DiskStore",
+    "HostStore",
+    "KeepStore",
+    "ShardSpec",
+    "StateStore",
+    "Tensors",
+    "from_local",
+    "make_store",
+    "tensor_bytes",
+    "to_local",
+]
+
 logger = logging.getLogger(__name__)
-
-Tensors = dict[str, torch.Tensor]
-
-
-class StateStore(ABC):
-    """Holds flat tensor dicts of inactive groups off the training device."""
-
-    @abstractmethod
-    def put(self, key: int, tensors: Tensors) -> None:
-        """Takes ownership of ``tensors`` (the caller drops its references).
-
-        If ``put`` raises, the store does not hold ``key`` and the caller still owns ``tensors``.
-        """
-
-    @abstractmethod
-    def get(self, key: int) -> Tensors:
-        """Removes ``key`` from the store and returns its tensors, each on the device it had."""
-
-    def prefetch(self, key: int) -> None:  # noqa: B027 - optional hook
-        """Starts bringing ``key`` back in the background (a hint; may do nothing)."""
-
-    def flush(self) -> None:  # noqa: B027 - optional hook
-        """Waits until every ``put`` and ``prefetch`` so far has finished its background work.
-
-        Afterwards the stored files or copies are complete and :meth:`resident_bytes` no longer
-        counts writes in flight. Stores that do nothing in the background need not override it.
-        """
-
-    @abstractmethod
-    def peek(self, key: int) -> Tensors:
-        """Returns a CPU copy (or view) of ``key`` without changing where it lives."""
-
-    @abstractmethod
-    def __contains__(self, key: int) -> bool: ...
-
-    @abstractmethod
-    def resident_bytes(self) -> int:
-        """Bytes of stored tensors held in this process's memory (host or device) right now."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Releases files and threads; the store is unusable afterwards."""
-
-
-def tensor_bytes(obj: object) -> int:
-    """Bytes of every tensor in ``obj``: a tensor, or dicts, lists and tuples of them (other
-    values count 0). The one byte counter of hiftune (paging, the estimator and the profiler).
-    A ``DTensor`` counts its local shard: the bytes this process holds."""
-    if isinstance(obj, DTensor):
-        obj = obj.to_local()
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """What turns a local shard back into its ``DTensor``: mesh, placements, global shape."""
-
-    mesh: Any
-    placements: tuple[Any, ...]
-    shape: torch.Size
-    stride: tuple[int, ...]
-
-
-def to_local(tensors: Tensors) -> tuple[Tensors, dict[str, ShardSpec]]:
-    """Splits ``tensors`` into plain tensors (each ``DTensor`` replaced by its local shard) and the
-    :class:`ShardSpec` of every name that was a ``DTensor``."""
-    out: Tensors = {}
-    specs: dict[str, ShardSpec] = {}
-    for name, t in tensors.items():
-        if isinstance(t, DTensor):
-            specs[name] = ShardSpec(t.device_mesh, tuple(t.placements), t.shape, t.stride())
-            out[name] = t.to_local()
-        else:
-            out[name] = t
-    return out, specs
-
-
-def from_local(tensors: Tensors, specs: dict[str, ShardSpec]) -> Tensors:
-    """Undoes :func:`to_local` (no communication: each rank rebuilds its own shard)."""
-    if not specs:
-        return tensors
-    out = dict(tensors)
-    for name, spec in specs.items():
-        if name in out:
-            out[name] = DTensor.from_local(
-                out[name],
-                spec.mesh,
-                spec.placements,
-                run_check=False,
-                shape=spec.shape,
-                stride=spec.stride,
-            )
-    return out
-
-
-class KeepStore(StateStore):
-    """``offload="none"``: tensors stay where they are (on the training device)."""
-
-    def __init__(self) -> None:
-        self._data: dict[int, Tensors] = {}
-
-    def put(self, key: int, tensors: Tensors) -> None:
-        self._data[key] = tensors
-
-    def get(self, key: int) -> Tensors:
-        return self._data.pop(key, {})
-
-    def peek(self, key: int) -> Tensors:
-        return {k: v.detach().to("cpu") for k, v in self._data.get(key, {}).items()}
-
-    def __contains__(self, key: int) -> bool:
-        return key in self._data
-
-    def resident_bytes(self) -> int:
-        return sum(tensor_bytes(t) for t in self._data.values())
-
-
-class HostStore(StateStore):
-    """``offload="host"``: tensors live in CPU memory.
-
-    On CUDA the host copies are pinned and both directions are non-blocking: the copy out is
-    queued on the current stream, and a prefetch copies back on a side stream that the compute
-    stream waits for only when the step needs the tensors. On a CPU device this store keeps the
-    tensors as they are (host memory is the device).
-    """
-
-    def __init__(self) -> None:
-        # key -> (host tensors, device each came from, event marking the end of the copy out)
-        self._host: dict[int, tuple[Tensors, dict[str, torch.device], torch.cuda.Event | None]] = {}
-        self._ready: dict[int, tuple[Tensors, torch.cuda.Event]] = {}
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._specs: dict[int, dict[str, ShardSpec]] = {}
-
-    def put(self, key: int, tensors: Tensors) -> None:
-        tensors, self._specs[key] = to_local(tensors)
-        out: Tensors = {}
-        devices: dict[str, torch.device] = {}
-        event = None
-        for name, t in tensors.items():
-            devices[name] = t.device
-            if t.device.type == "cuda":
-                host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-                host.copy_(t, non_blocking=True)
-                out[name] = host
-            else:
-                out[name] = t
-        if any(d.type == "cuda" for d in devices.values()):
-            event = torch.cuda.Event()
-            event.record()
-        self._host[key] = (out, devices, event)
-
-    def prefetch(self, key: int) -> None:
-        if key not in self._host or key in self._ready:
-            return
-        host, devices, out_event = self._host[key]
-        cuda = {d for d in devices.values() if d.type == "cuda"}
-        if len(cuda) != 1:
-            return  # nothing to copy (CPU training), or a group spread over several GPUs
-        (device,) = cuda
-        if device not in self._streams:
-            self._streams[device] = torch.cuda.Stream(device=device)
-        stream = self._streams[device]
-        del self._host[key]
-        with torch.cuda.stream(stream):
-            if out_event is not None:
-                stream.wait_event(out_event)
-            moved = {k: v.to(devices[k], non_blocking=True) for k, v in host.items()}
-            in_event = torch.cuda.Event()
-            in_event.record(stream)
-        self._ready[key] = (moved, in_event)
-
-    def get(self, key: int) -> Tensors:
-        if key in self._ready:
-            moved, in_event = self._ready.pop(key)
-            for t in moved.values():
-                if t.device.type == "cuda":
-                    current = torch.cuda.current_stream(t.device)
-                    current.wait_event(in_event)
-                    # Allocated on the side stream, used on the compute stream from now on.
-                    t.record_stream(current)
-            return from_local(moved, self._specs.pop(key, {}))
-        host, devices, _ = self._host.pop(key, ({}, {}, None))
-        # Same stream as the copy out, so stream order makes this safe without a sync.
-        moved = {k: v.to(devices[k], non_blocking=True) for k, v in host.items()}
-        return from_local(moved, self._specs.pop(key, {}))
-
-    def peek(self, key: int) -> Tensors:
-        if key in self._ready:
-            self._ready[key][1].synchronize()
-            local = {k: v.to("cpu") for k, v in self._ready[key][0].items()}
-            return from_local(local, self._specs.get(key, {}))
-        host, _, event = self._host.get(key, ({}, {}, None))
-        if event is not None:
-            event.synchronize()
-        return from_local(dict(host), self._specs.get(key, {}))
-
-    def flush(self) -> None:
-        for _, _, event in self._host.values():
-            if event is not None:
-                event.synchronize()
-        for _, event in self._ready.values():
-            event.synchronize()
-
-    def __contains__(self, key: int) -> bool:
-        return key in self._host or key in self._ready
-
-    def resident_bytes(self) -> int:
-        return sum(tensor_bytes(h) for h, _, _ in self._host.values()) + sum(
-            tensor_bytes(t) for t, _ in self._ready.values()
-        )
 
 
 class DiskStore(StateStore):
