@@ -470,6 +470,29 @@ def test_a_resumed_auto_run_keeps_its_split(
     assert report["steps"] == 32 and report["hift_groups"] == 1
 
 
+def test_a_finished_run_leaves_files_others_can_read_and_no_lock(
+    capsys, tmp_path: Path, tiny_llama: Path, cls_jsonl: Path
+) -> None:
+    previous = os.umask(0o022)
+    try:
+        code, _, err = run_cli(
+            capsys, "--model", tiny_llama, "--data", cls_jsonl, *CLS, *FAST, "--no-zero-shot",
+            "--save-steps", "2", "--output-dir", tmp_path / "run",
+        )  # fmt: skip
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    out_dir = tmp_path / "run"
+    files = [p for p in out_dir.rglob("*") if p.is_file()]
+    assert out_dir / "model.safetensors" in files
+    assert out_dir / "checkpoint-2" / "model.safetensors" in files
+    # safetensors writes 0600; every file of the run is 0644 under umask 022, like any new file.
+    assert {str(p.relative_to(out_dir)): oct(p.stat().st_mode & 0o777) for p in files} == {
+        str(p.relative_to(out_dir)): "0o644" for p in files
+    }
+    assert not (out_dir / ".hiftune.lock").exists()
+
+
 # --- interrupt and resume ----------------------------------------------------------------------
 
 

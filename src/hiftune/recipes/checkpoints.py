@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .filemodes import match_new_files
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,10 @@ def write_manifest(checkpoint: Path) -> None:
     """Records the size and SHA-256 of every file in ``checkpoint`` (call once it is complete).
 
     Written to a temporary name and renamed, so a crash leaves either no manifest or a whole one.
+    The checkpoint's files get the mode of any new file of the user's first (the Trainer's
+    ``model.safetensors`` comes out private, 0600).
     """
+    match_new_files(checkpoint)
     files = {
         p.relative_to(checkpoint).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
         for p in sorted(checkpoint.rglob("*"))

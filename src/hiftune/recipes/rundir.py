@@ -14,12 +14,12 @@ checks, so that a refused directory stops every process with the same one-line e
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TypeVar
@@ -62,7 +62,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-@contextmanager
+@contextlib.contextmanager
 def owned_process_group() -> Iterator[None]:
     """Destroys, on the way out, a process group created inside the block (by the Trainer's
     arguments, under ``torchrun``), never one that existed before (the caller's own).
@@ -117,8 +117,10 @@ def on_main(action: Callable[[], T]) -> T | None:
 class OutputDir:
     """Holds an output directory for one run (a context manager).
 
-    On entry it creates the directory, locks it and checks what it holds; on exit it unlocks it
-    (and removes it again if the run failed before writing anything into it).
+    On entry it creates the directory, locks it and checks what it holds; on exit it removes the
+    lock file and unlocks it (and removes the directory again if the run failed before writing
+    anything into it). A killed process leaves its lock file behind, unlocked: the next run
+    takes it over.
 
     Args:
         path: The output directory.
@@ -160,10 +162,12 @@ class OutputDir:
     ) -> None:
         if self._file is None:
             return
-        # Removed while still locked, so no other run can lock the file that is being removed.
-        if self._created and [p.name for p in self.path.iterdir()] == [LOCK]:
-            (self.path / LOCK).unlink()
-            self.path.rmdir()
+        # Removed while still locked: a run that opened it meanwhile fails to lock it, or locks
+        # it only after the removal, sees that it is gone and locks a new one (see _lock).
+        (self.path / LOCK).unlink(missing_ok=True)
+        if self._created and not any(self.path.iterdir()):
+            with contextlib.suppress(OSError):  # another run has just put its lock file in
+                self.path.rmdir()
         fcntl.flock(self._file, fcntl.LOCK_UN)
         self._file.close()
         self._file = None

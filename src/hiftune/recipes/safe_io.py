@@ -21,6 +21,7 @@ from typing import Any
 
 from ..errors import UserError, first_line
 from .checkpoints import MANIFEST
+from .filemodes import match_new_files
 
 #: Below this many free bytes, a write error without an errno is taken for a full disk (torch's
 #: zip writer reports ENOSPC only as "unexpected pos" / "file write failed").
@@ -159,7 +160,8 @@ def save_final_model(trainer: Any, out_dir: Path) -> None:
     """``trainer.save_model(out_dir)``, all or nothing.
 
     The model is written into a temporary directory inside ``out_dir`` and its files moved into
-    place only when all were written; if writing fails, the temporary directory is removed.
+    place only when all were written, with the mode of any new file of the user's (safetensors
+    writes its file private, 0600); if writing fails, the temporary directory is removed.
 
     Raises:
         WriteError: If the model cannot be written, naming the last checkpoint, which is kept.
@@ -168,6 +170,7 @@ def save_final_model(trainer: Any, out_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         trainer.save_model(str(tmp))
+        match_new_files(tmp)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not is_write_failure(e):
