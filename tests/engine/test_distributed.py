@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hiftune import HiFTConfig, HiFTOptimizer
+from hiftune.engine.distributed import all_reduce_mean
 from hiftune.engine.split.units import split_units
 from tinymodels import TinyLM, lm_loss
 
@@ -188,3 +189,47 @@ def test_shard_state_is_validated():
 def test_sync_gradients_is_validated():
     with pytest.raises(ValueError, match="sync_gradients"):
         HiFTConfig(sync_gradients="yes")
+
+
+class _FakeRanks:
+    """``torch.distributed`` for one process that stands for three ranks: the other two hold
+    ``others`` times this rank's values, and the sum runs in the buffer's dtype, one rank at a
+    time, as a ring all-reduce adds."""
+
+    def __init__(self, others):
+        self.others = others
+        self.dtypes = []
+
+    def get_world_size(self):
+        return 1 + len(self.others)
+
+    def all_reduce(self, t):
+        self.dtypes.append(t.dtype)
+        mine = t.clone()
+        for factor in self.others:
+            t.add_(mine * factor)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value", "others", "mean"),
+    [
+        # 30000 * 3 overflows fp16: the mean was inf.
+        (torch.float16, 30000.0, (1.0, 1.0), 30000.0),
+        # bf16 rounds 1 + 2**-8 to 1 at each addition: (1 + 2 * 2**-8) / 3 was 0.333984375.
+        (torch.bfloat16, 1.0, (2**-8, 2**-8), 0.3359375),
+    ],
+)
+@pytest.mark.parametrize("bucket_bytes", [2**20, 8], ids=["one-bucket", "chunked"])
+def test_half_gradients_are_summed_in_fp32(monkeypatch, dtype, value, others, mean, bucket_bytes):
+    fake = _FakeRanks(others)
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake.all_reduce)
+    monkeypatch.setattr(torch.distributed, "get_world_size", fake.get_world_size)
+    params = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in (6, 6, (3, 2))]
+    for p in params:
+        p.grad = torch.full_like(p, value)
+    params[2].grad = torch.full((2, 3), value, dtype=dtype).t()  # a strided gradient
+    all_reduce_mean(params, bucket_bytes=bucket_bytes)
+    assert set(fake.dtypes) == {torch.float32}
+    for p in params:
+        assert p.grad.dtype == dtype and torch.equal(p.grad, torch.full_like(p, mean))
+    assert params[2].grad.stride() == (1, 3)  # averaged in place, layout kept
