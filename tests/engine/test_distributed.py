@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from hiftune import HiFTConfig, HiFTOptimizer
 from hiftune.engine.distributed import all_reduce_mean
 from hiftune.engine.split.units import split_units
+from hiftune.engine.state.paging import tensor_bytes
 from tinymodels import TinyLM, lm_loss
 
 STEPS = 8
@@ -111,22 +112,29 @@ def _sharding_worker(rank, world, port, out, optimizer):
         opt = HiFTOptimizer(model, optimizer, config, lr=1e-2)
         _run(model, opt, data, rows, range(SAVE_AT))
         saved_weights = _snapshot(model)
+        state = opt.state_dict()  # with shard_state: a collective
         checkpoint = io.BytesIO()
-        torch.save(opt.state_dict(), checkpoint)  # with shard_state: a collective
+        torch.save(state, checkpoint)
+        path = f"{out}.checkpoint.{shard}"
+        if rank == 0:  # the saving rank, as the Trainer's
+            with open(path, "wb") as f:
+                f.write(checkpoint.getvalue())
+        dist.barrier()
         _run(model, opt, data, rows, range(SAVE_AT, CYCLES2))
         result[shard] = {
             "weights": _snapshot(model),
             "stored": opt.store.resident_bytes(),
             "checkpoint": checkpoint.getvalue(),
+            "checkpoint_bytes": tensor_bytes(state["groups"]),
             "saved_weights": saved_weights,
         }
+        del state
         opt.close()
-        # Resume mid-cycle from the checkpoint, in the same mode.
+        # Every rank resumes mid-cycle from the saving rank's checkpoint, in the same mode.
         model = TinyLM()
         model.load_state_dict(saved_weights)
         opt = HiFTOptimizer(model, optimizer, config, lr=1e-2)
-        checkpoint.seek(0)
-        opt.load_state_dict(torch.load(checkpoint, weights_only=True))
+        opt.load_state_dict(torch.load(path, weights_only=True))
         _run(model, opt, data, rows, range(SAVE_AT, CYCLES2))
         result[shard]["resumed"] = _snapshot(model)
         opt.close()
@@ -169,6 +177,16 @@ def test_sharded_state_equals_unsharded_with_half_the_state_per_rank(tmp_path, o
     shares = [got[True]["stored"] for got in ranks]
     assert sum(shares) == full
     assert max(shares) <= 0.6 * full
+    # Only the saving rank holds every group; the other keeps its own share, not a copy of all.
+    for shard in (False, True):
+        assert ranks[0][shard]["checkpoint_bytes"] == ranks[0][False]["checkpoint_bytes"] > 0
+    assert ranks[1][True]["checkpoint_bytes"] <= 0.6 * ranks[0][True]["checkpoint_bytes"]
+    # A non-saving rank's state dict lacks the other rank's groups: refused, never half-loaded.
+    opt = HiFTOptimizer(TinyLM(), optimizer, HiFTConfig(), lr=1e-2)
+    partial = torch.load(io.BytesIO(ranks[1][True]["checkpoint"]), weights_only=True)
+    with pytest.raises(ValueError, match="has no optimizer state"):
+        opt.load_state_dict(partial)
+    opt.close()
     # The checkpoints of both modes hold the same (full) state: one loads into the other, or into
     # one process (another number of ranks).
     torch.manual_seed(0)

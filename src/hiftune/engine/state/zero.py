@@ -19,13 +19,14 @@ a model whose embedding or head dominates gets less even shares, reported by
 Communication per optimizer step, for an active group of P parameters (B bytes): the all-reduce of
 its gradients (as in data parallelism, about 2B per rank with a ring) plus one broadcast of its
 weights from the owner (about B): 1.5 times data parallelism's traffic, once per step, not per
-micro-batch. Checkpoints gather every group from its owner (:meth:`StateSharding.share`).
+micro-batch. A checkpoint gathers every group from its owner to the saving rank only
+(:meth:`StateSharding.share`), never a copy per rank.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,9 +34,11 @@ from torch import nn
 from ..distributed import BUCKET_BYTES, buckets
 from .paging import StateStore, Tensors
 
-__all__ = ["ShardedStore", "StateSharding"]
+__all__ = ["SAVING_RANK", "ShardedStore", "StateSharding"]
 
-T = TypeVar("T")
+#: The rank (in the sharding's process group) that :meth:`StateSharding.share` gathers every
+#: group's state to: the one that saves checkpoints (the Trainer's ``should_save`` process).
+SAVING_RANK = 0
 
 
 class ShardedStore(StateStore):
@@ -129,11 +132,32 @@ class StateSharding:
                 p.data.copy_(flat[offset : offset + n].view_as(p))
                 offset += n
 
-    def share(self, b: int, entry: T) -> T:
-        """The owner's ``entry`` (e.g. group ``b``'s state dict), on every rank: a collective."""
-        box = [entry if self.owns(b) else None]
-        torch.distributed.broadcast_object_list(box, self._global(self.owner(b)), group=self.group)
-        return box[0]  # type: ignore[return-value]
+    def share(self, b: int, entry: dict[str, Any]) -> dict[str, Any]:
+        """Group ``b``'s checkpoint entry as its owner holds it, on the saving rank.
+
+        Every rank calls this for every group in the same order. The owner sends its ``entry``
+        to the saving rank (:data:`SAVING_RANK` of :attr:`group`) alone, point to point, so no
+        other rank ever holds a copy: the saving rank gets every group, each other rank keeps the
+        groups it owns, and a group it neither owns nor saves becomes a placeholder without
+        optimizer state, which ``load_state_dict`` refuses (load the saving rank's checkpoint,
+        on any number of ranks).
+
+        Args:
+            b: The group (bottom-up).
+            entry: This rank's ``{"optimizer": ..., "masters": ...}`` entry for it.
+        """
+        owner = self.owner(b)
+        if self.rank == owner:
+            if owner != SAVING_RANK:
+                torch.distributed.send_object_list(
+                    [entry], self._global(SAVING_RANK), group=self.group
+                )
+            return entry
+        if self.rank == SAVING_RANK:
+            box: list[Any] = [None]
+            torch.distributed.recv_object_list(box, self._global(owner), group=self.group)
+            return box[0]
+        return {"optimizer": None, "masters": None, "owner": owner}
 
     def _global(self, rank: int) -> int:
         if self.group is None:
