@@ -253,7 +253,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
     def sharding(self) -> StateSharding | None:
         """Which rank keeps each group's state, with ``shard_state=True`` on several ranks.
 
-        Then :meth:`state_dict` is a collective: call it on every rank (each gets every group).
+        Then :meth:`state_dict` is a collective: call it on every rank, save rank 0's (whole).
         """
         return self._sharding
 
