@@ -20,11 +20,13 @@ from .safe_io import WriteError, is_write_failure, write_failure_reason
 
 #: The files :func:`write_report` writes into the output directory.
 REPORT_FILES = ("report.json", "loss.png", "memory.png", "report.md")
+#: The metrics a run reports, in this order (sft's held-out answers: exact match and ROUGE-L).
+REPORTED = ("accuracy", "loss", "exact_match", "rouge_l")
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
     """``accuracy 0.8580, loss 0.3412``: the metrics a run reports, on one line."""
-    keys = [k for k in ("accuracy", "loss") if k in metrics]
+    keys = [k for k in REPORTED if k in metrics]
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys) or "n/a"
 
 
@@ -151,12 +153,13 @@ def _plot(
 def _summary(cfg: TrainRecipeConfig, report: Mapping[str, Any], hift: bool) -> str:
     rows = []
     for name, m in (("zero-shot", report["zero_shot"] or {}), ("fine-tuned", report["final"])):
-        rows.append({"": name, **{k: m[k] for k in ("accuracy", "loss") if k in m}})
+        rows.append({"": name, **{k: m[k] for k in REPORTED if k in m}})
     cycles = f" ({report['hift_cycles']} cycles of {report['hift_groups']} groups)" if hift else ""
     lines = [
         f"# hiftune train: {cfg.model}, {cfg.task}, {cfg.method}",
         "",
-        markdown_table(rows),
+        # Every metric either row has (a run without zero-shot evaluation has one row's).
+        markdown_table(rows, ["", *(k for k in REPORTED if any(k in r for r in rows))]),
         f"- evaluated on {report['eval_examples']} examples of the {report['eval_split']} split; "
         f"trained on {report['train_examples']} examples for {report['epochs']} epochs = "
         f"{report['steps']} steps{cycles}",
