@@ -102,6 +102,14 @@ def learned_text(tokenizer, example: dict) -> str:
             "prompt-completion",
             {"prompt": "prompt", "completion": "response"},
         ),
+        (["conversations", "id"], "sharegpt", {"messages": "conversations"}),
+        # Alpaca's own files have a text field too (the whole prompt, formatted).
+        (
+            ["instruction", "input", "output", "text"],
+            "alpaca",
+            {"instruction": "instruction", "input": "input", "output": "output"},
+        ),
+        (["output", "instruction"], "alpaca", {"instruction": "instruction", "output": "output"}),
         (["id", "text"], "text", {"text": "text"}),
         (["prompt", "text"], "text", {"text": "text"}),  # a prompt without an answer is no pair
     ],
@@ -116,7 +124,10 @@ def test_field_names_are_overridable_and_missing_ones_are_listed() -> None:
         "messages",
         {"messages": "conversation"},
     )
-    with pytest.raises(DataError, match=r"needs a field 'messages'.*fields are: id, body$"):
+    with pytest.raises(
+        DataError,
+        match=r"needs a field 'messages'.*'conversations' \(ShareGPT\).*fields are: id, body$",
+    ):
         chat.detect_format(["id", "body"], FIELDS)
 
 
@@ -137,6 +148,85 @@ def test_bad_chat_rows_name_the_row(messages, match: str) -> None:
     good = {"messages": CONVERSATION}
     with pytest.raises(DataError, match=match):
         chat.normalize_rows([good, {"messages": messages}], "messages", "the training split")
+
+
+#: :data:`CONVERSATION` as ShareGPT writes it.
+SHAREGPT = [
+    {
+        "from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
+        "value": m["content"],
+    }
+    for m in CONVERSATION
+]
+
+
+def test_sharegpt_conversations_are_messages() -> None:
+    expected = chat.normalize_rows([{"messages": CONVERSATION}], "messages", "x")
+    fields = {"messages": "conversations"}
+    assert chat.normalize_rows([{"conversations": SHAREGPT}], "sharegpt", "x", fields) == expected
+    # Arrow's nulls of a file whose turns mix both styles; --messages-field in ShareGPT's style.
+    mixed = [{"from": None, "value": None, **CONVERSATION[0]}, *SHAREGPT[1:]]
+    assert chat.normalize_rows([{"messages": mixed}], "messages", "x") == expected
+
+
+@pytest.mark.parametrize(
+    ("turn", "match"),
+    [
+        ({"from": "bot", "value": "yo"}, "message 2 has the unknown ShareGPT speaker 'bot'"),
+        ({"speaker": "gpt", "text": "yo"}, "message 2 has no role \\(nor ShareGPT's from\\)"),
+        ({"from": "gpt", "value": None}, "message 2 has no text content"),
+    ],
+)
+def test_bad_sharegpt_turns_name_the_row(turn: dict, match: str) -> None:
+    rows = [{"conversations": SHAREGPT}, {"conversations": [SHAREGPT[1], turn]}]
+    with pytest.raises(DataError, match="row 2 of x: " + match):
+        chat.normalize_rows(rows, "sharegpt", "x", {"messages": "conversations"})
+
+
+def test_alpaca_rows_are_pairs_with_the_input_after_the_instruction(tok) -> None:
+    fields = {"instruction": "instruction", "input": "input", "output": "output"}
+    rows = chat.normalize_rows(
+        [
+            {"instruction": "Say hello.", "input": "Be brief.", "output": "Hello there!"},
+            {"instruction": "Say hello.", "input": "", "output": "Hello there!"},
+            {"instruction": "Say hello.", "input": None, "output": "Hello there!"},
+        ],
+        "alpaca",
+        "x",
+        fields,
+    )
+    pair = {"prompt": "Say hello.", "completion": "Hello there!"}
+    assert rows == [{**pair, "prompt": "Say hello.\n\nBe brief."}, pair, pair]
+    (ex,) = chat.encode_sft(rows[:1], tok, 256)
+    assert learned_text(tok, ex) == "Hello there!<|im_end|>\n"
+    # Without an input field at all (detect_format leaves it out), and a bad one.
+    no_input = {"instruction": "instruction", "output": "output"}
+    assert chat.normalize_rows(
+        [{"instruction": "Say hello.", "output": "Hi"}], "alpaca", "x", no_input
+    )
+    with pytest.raises(DataError, match="row 1 of x has an empty or non-text output"):
+        chat.normalize_rows([{"instruction": "Say hello.", "output": " "}], "alpaca", "x", fields)
+
+
+def test_a_row_of_another_format_is_refused_by_name() -> None:
+    # A JSONL file mixing formats: Arrow gives every row every field, None where it had none.
+    rows = [
+        {"messages": CONVERSATION, "instruction": None, "output": None},
+        {"messages": None, "instruction": "Say hello.", "output": "Hi"},
+    ]
+    with pytest.raises(
+        DataError,
+        match="row 2 of x has no 'messages', which every row of this data needs: its fields make "
+        "it messages data, but this row has instruction, output: one dataset cannot mix sft formats",
+    ):
+        chat.normalize_rows(rows, "messages", "x", {"messages": "messages"})
+    with pytest.raises(DataError, match="row 1 of x has no 'completion' or 'prompt'"):
+        chat.normalize_rows(
+            [{"completion": None, "prompt": None}],
+            "prompt-completion",
+            "x",
+            {"prompt": "completion", "completion": "prompt"},  # (renamed: the data's names count)
+        )
 
 
 def test_arrow_nulls_are_dropped_from_messages() -> None:
@@ -263,14 +353,64 @@ def test_truncation_drops_examples_with_nothing_left_to_learn(tok, caplog) -> No
         chat.encode_sft(rows, make_chat_tokenizer(None), 256)
 
 
-def test_generation_prompt_is_the_conversation_before_the_last_answer(tok) -> None:
-    (row,) = chat.normalize_rows([{"messages": CONVERSATION}], "messages", "x")
-    prompt, reference = chat.generation_prompt(row, tok)
-    assert prompt == tok.apply_chat_template(
-        CONVERSATION[:4], tokenize=False, add_generation_prompt=True
+# --- the system prompt and the chat template ---------------------------------------------------
+
+
+def test_system_prompt_replaces_the_datas_and_keeps_what_is_learned(tok) -> None:
+    rows = [
+        *chat.normalize_rows([{"messages": CONVERSATION}], "messages", "x"),  # has one
+        *chat.normalize_rows(  # a conversational pair without one: its answer only is learned
+            [{"prompt": CONVERSATION[1:4], "completion": "Hello there!"}], "prompt-completion", "x"
+        ),
+        {"prompt": "Say hello.", "completion": "Hello there!"},  # a text pair
+    ]
+    system = {"role": "system", "content": "Answer in one word."}
+    out = chat.with_system_prompt(rows, "Answer in one word.")
+    assert out == [
+        {"messages": [system, *CONVERSATION[1:]], "first_trained": 0},
+        {"messages": [system, *CONVERSATION[1:]], "first_trained": 4},
+        {"messages": [system, *SAY_HELLO], "first_trained": 2},
+    ]
+    learned = [learned_text(tok, ex) for ex in chat.encode_sft(out, tok, 256)]
+    assert learned == [
+        "Paris.<|im_end|>\nHello there!<|im_end|>\n",
+        "Hello there!<|im_end|>\n",
+        "Hello there!<|im_end|>\n",
+    ]
+    with pytest.raises(DataError, match="--system-prompt is for conversations"):
+        chat.with_system_prompt([{"text": "The quick brown fox."}], "Be brief.")
+
+
+#: A pair as a conversation.
+SAY_HELLO = [
+    {"role": "user", "content": "Say hello."},
+    {"role": "assistant", "content": "Hello there!"},
+]
+
+
+def test_chat_template_from_a_string_or_a_file(tmp_path: Path) -> None:
+    assert chat.chat_template_text(CHATML) == CHATML
+    (tmp_path / "t.jinja").write_text(CHATML)
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": CHATML}))
+    assert chat.chat_template_text(str(tmp_path / "t.jinja")) == CHATML
+    assert chat.chat_template_text(str(tmp_path / "chat_template.json")) == CHATML
+    with pytest.raises(DataError, match="'chatml' is neither a file nor a Jinja template"):
+        chat.chat_template_text("chatml")
+    (tmp_path / "empty.jinja").write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jinja holds no chat template"):
+        chat.chat_template_text(str(tmp_path / "empty.jinja"))
+
+
+def test_set_chat_template_renders_with_it_or_refuses_it() -> None:
+    base = make_chat_tokenizer(None)
+    chat.set_chat_template(base, CHATML)
+    (ex,) = chat.encode_sft([{"messages": SAY_HELLO, "first_trained": 0}], base, 256)
+    assert base.decode(ex["input_ids"]) == make_chat_tokenizer().apply_chat_template(
+        SAY_HELLO, tokenize=False
     )
-    assert reference == "Hello there!"
-    assert chat.generation_prompt({"text": "x"}, tok) is None
+    with pytest.raises(DataError, match="--chat-template does not render a user and an assistant"):
+        chat.set_chat_template(base, "{% for m in messages %}{{ m.content }")
+    assert base.chat_template == CHATML  # a refused template leaves the tokenizer's
 
 
 # --- end to end ---------------------------------------------------------------------------------

@@ -90,3 +90,44 @@ def test_classes_span_every_split_and_sft_rows_are_normalized(tmp_path: Path) ->
     assert ex.description.startswith("train: 8 ") and ex.eval_split == "validation"
     with pytest.raises(DataError, match="the bundled data has no evaluation split 'dev'"):
         load_examples(TrainRecipeConfig(eval_split="dev"))
+
+
+def test_sharegpt_and_alpaca_files_and_a_file_mixing_formats(tmp_path: Path) -> None:
+    turns = [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello there!"}]
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": turns}] * 4)
+    cfg = TrainRecipeConfig(
+        data=str(sharegpt), task="sft", eval_fraction=0.25, system_prompt="Be brief."
+    )
+    (row, *_) = load_examples(cfg).splits["train"]
+    assert row == {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Say hello."},
+            {"role": "assistant", "content": "Hello there!"},
+        ],
+        "first_trained": 0,
+    }
+    # Alpaca: the input is optional per row (an Arrow null where a row has none).
+    alpaca = write_jsonl(
+        tmp_path / "alpaca.jsonl",
+        [{"instruction": "Say hello.", "input": "Be brief.", "output": "Hi"}]
+        + [{"instruction": "Say hello.", "output": "Hello there!"}] * 3,
+    )
+    rows = load_examples(TrainRecipeConfig(data=str(alpaca), task="sft", eval_fraction=0.25))
+    assert {r["prompt"] for split in rows.splits.values() for r in split} == {
+        "Say hello.\n\nBe brief.",
+        "Say hello.",
+    }
+    mixed = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [{"conversations": turns}] * 3 + [{"instruction": "Say hello.", "output": "Hi"}],
+    )
+    with pytest.raises(
+        DataError,
+        match=r"row \d of .*mixed.jsonl.* has no 'conversations', which every row of this data "
+        r"needs: its fields make it sharegpt data, but this row has instruction, output: one "
+        "dataset cannot mix sft formats",
+    ):
+        load_examples(TrainRecipeConfig(data=str(mixed), task="sft", eval_fraction=0.25))
+    with pytest.raises(DataError, match="--chat-template 'nope' is neither a file nor a Jinja"):
+        load_examples(TrainRecipeConfig(data=str(alpaca), task="sft", chat_template="nope"))

@@ -244,11 +244,14 @@ def test_resuming_a_finished_run_goes_straight_to_evaluation(
     args = [*base_args(tiny_llama, straight), "--scheduler", "constant", "--save-steps", "6"]
     code, _, err = run_cli(capsys, *args, "--output-dir", out_dir)
     assert code == 0, err
+    first = json.loads((out_dir / "report.json").read_text())
     for _ in range(2):  # and again: no resume adds a step
         code, _, err = run_cli(capsys, "--resume", out_dir)
         assert code == 0, err
         report = json.loads((out_dir / "report.json").read_text())
-        assert report["steps"] == 6 and report["per_step"] == []
+        # The report still covers the run's steps, all trained before the resume.
+        assert report["steps"] == 6 and report["per_step"] == first["per_step"]
+        assert report["train_loss"] == pytest.approx(first["train_loss"], rel=1e-9)
         assert_same_weights(
             out_dir / "model.safetensors", out_dir / "checkpoint-6" / "model.safetensors"
         )

@@ -14,6 +14,7 @@ import torch
 
 from hiftune.cli import main
 from hiftune.engine.optimizers import resolve_optimizer
+from hiftune.recipes import report as report_module
 from hiftune.recipes.callbacks import Progress
 from hiftune.recipes.config import TrainRecipeConfig
 
@@ -148,14 +149,16 @@ def test_sft_with_chat_template(
     assert "fine-tuned: loss" in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["final"]["loss"] > 0
-    # Up to three held-out prompts (there are 2 here), answered before and after training.
+    # Up to three held-out prompts (there are 2 here), answered before and after training and
+    # scored; each shows the user's question, not the template around it.
     samples = report["samples"]
     assert len(samples) == min(3, report["eval_examples"]) > 0
-    assert all(s["prompt"].startswith("user : review") for s in samples)
+    assert all(s["prompt"].startswith("review :") for s in samples)
+    assert report["final"]["generation_prompts"] == report["zero_shot"]["generation_prompts"] > 0
     assert all(isinstance(s["base"], str) and isinstance(s["fine_tuned"], str) for s in samples)
     assert all(s["reference"] in ("positive", "negative") for s in samples)
     assert "Held-out prompts" in (tmp_path / "report.md").read_text()
-    assert "held-out prompt 1: user : review" in out
+    assert "held-out prompt 1: review :" in out
 
 
 def test_training_arguments_options_reach_the_trainer(
@@ -539,6 +542,53 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_a_resumed_run_reports_the_whole_run(
+    capsys, monkeypatch, tmp_path: Path, tiny_llama: Path, cls_jsonl: Path
+) -> None:
+    args = [
+        "--model", tiny_llama, "--data", cls_jsonl, *CLS, "--batch-size", "4", "--max-steps", "6",
+        "--lr", "1e-2", "--no-zero-shot", "--seed", "3", "--units-per-group", "1",
+        "--eval-samples", "8",
+    ]  # fmt: skip
+    plotted: dict[str, list[int]] = {}
+    original_plot = report_module.plot_lines
+
+    def plot_lines(path, series, *, x=None, **kwargs):
+        plotted[Path(path).name] = [s for xs in (x or {}).values() for s in xs]
+        return original_plot(path, series, x=x, **kwargs)
+
+    monkeypatch.setattr(report_module, "plot_lines", plot_lines)
+    code, _, err = run_cli(capsys, *args, "--output-dir", tmp_path / "straight")
+    assert code == 0, err
+    straight = json.loads((tmp_path / "straight" / "report.json").read_text())
+
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:  # stopped twice: each checkpoint carries what came before
+        _interrupt_at(m, 2)
+        assert run_cli(capsys, *args, "--output-dir", cut)[0] == 130
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 4)
+        assert run_cli(capsys, "--resume", cut)[0] == 130
+    plotted.clear()
+    code, _, err = run_cli(capsys, "--resume", cut)
+    assert code == 0, err
+    resumed = json.loads((cut / "report.json").read_text())
+
+    def without_time(steps: list[dict]) -> list[dict]:
+        return [{k: v for k, v in s.items() if k not in ("seconds", "memory_mib")} for s in steps]
+
+    assert [s["step"] for s in resumed["per_step"]] == [1, 2, 3, 4, 5, 6]
+    # Step, group, loss and learning rate of every step: those of the uninterrupted run.
+    assert without_time(resumed["per_step"]) == without_time(straight["per_step"])
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-9)
+    assert plotted == {"loss.png": [1, 2, 3, 4, 5, 6], "memory.png": [1, 2, 3, 4, 5, 6]}
+    # Times count from the run's start, across the resumes, and add up to the training time.
+    seconds = [s["seconds"] for s in resumed["per_step"]]
+    assert seconds == sorted(seconds) and seconds[-1] <= resumed["train_seconds"] + 0.05
+    assert resumed["train_seconds"] <= resumed["total_seconds"]
+    assert resumed["peak_memory_mib"] >= max(s["memory_mib"] for s in resumed["per_step"])
 
 
 def test_resume_from_a_different_run_is_refused(

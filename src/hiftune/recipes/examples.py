@@ -5,7 +5,8 @@ the task encodes: the bundled sentiment data (its fixed splits, and the demo's d
 1,600 training and 500 evaluation sentences), or the user's data read by :mod:`.sources` (used
 whole unless ``train_samples`` / ``eval_samples`` say otherwise), with the fields of the task:
 ``text``/``label`` for classification (labels become class ids over every split used), the
-``sft`` formats of :mod:`.chat` otherwise. It also says, in one line, what was used.
+``sft`` formats of :mod:`.chat` otherwise (with ``--system-prompt`` in every conversation). It
+also says, in one line, what was used.
 """
 
 from __future__ import annotations
@@ -61,17 +62,15 @@ def load_examples(cfg: TrainRecipeConfig, verbose: bool = False) -> Examples:
         eval_fraction=cfg.eval_fraction,
     )
     fmt = None
+    sft_fields = {
+        "messages": cfg.messages_field,
+        "prompt": cfg.prompt_field,
+        "completion": cfg.completion_field,
+        "response": cfg.response_field,
+        "text": cfg.text_field,
+    }
     if cfg.task == "sft":  # the training split's fields decide the format
-        fmt, fields = chat.detect_format(
-            chosen.train.column_names,
-            {
-                "messages": cfg.messages_field,
-                "prompt": cfg.prompt_field,
-                "completion": cfg.completion_field,
-                "response": cfg.response_field,
-                "text": cfg.text_field,
-            },
-        )
+        fmt, fields = chat.detect_format(chosen.train.column_names, sft_fields)
     else:
         fields = {"text": cfg.text_field, "label": cfg.label_field}
     sets = {"train": chosen.train, "eval": chosen.eval}
@@ -83,24 +82,28 @@ def load_examples(cfg: TrainRecipeConfig, verbose: bool = False) -> Examples:
     out: dict[str, Records] = {}
     for role, ds in sets.items():
         where = f"{loaded.source} ({chosen.notes[role]})"
-        missing = [f for f in fields.values() if f not in ds.column_names]
+        # (Alpaca's input is optional in every split.)
+        missing = [f for k, f in fields.items() if f not in ds.column_names and k != "input"]
         if missing:
             option = next(k for k, v in fields.items() if v == missing[0])
             if option == "completion" and missing[0] != cfg.completion_field:
                 option = "response"  # the pair's answer came from --response-field
+            # ShareGPT's and Alpaca's fields have fixed names, no option.
+            flag = "" if fmt in ("sharegpt", "alpaca") else f" (--{option}-field)"
             raise D.DataError(
-                f"field {missing[0]!r} (--{option}-field) is not in {where}; "
+                f"field {missing[0]!r}{flag} is not in {where}; "
                 f"its fields are: {', '.join(ds.column_names)}"
             )
         if role == "train":
             ds = ds.select(D.sample_indices(len(ds), n_train, cfg.seed))
         elif n_eval is not None:
             ds = ds.select(range(min(len(ds), n_eval)))
-        rows = ds.select_columns(list(dict.fromkeys(fields.values()))).to_list()
-        renamed = [{ours: r[theirs] for ours, theirs in fields.items()} for r in rows]
-        if fmt is not None:
-            out[role] = chat.normalize_rows(renamed, fmt, where)
+        if fmt is not None:  # with the other formats' fields, to name a row of another format
+            rows = ds.select_columns(chat.format_columns(ds.column_names, sft_fields)).to_list()
+            out[role] = chat.normalize_rows(rows, fmt, where, fields)
         else:
+            rows = ds.select_columns(list(dict.fromkeys(fields.values()))).to_list()
+            renamed = [{ours: r[theirs] for ours, theirs in fields.items()} for r in rows]
             out[role] = D.select_fields(renamed, {k: k for k in fields}, where)
     classes: list[str] | None = None
     if cfg.task != "sft":  # one class list over every split, so that the ids agree
@@ -109,6 +112,7 @@ def load_examples(cfg: TrainRecipeConfig, verbose: bool = False) -> Examples:
     if not out["train"] or not out["eval"]:
         raise D.DataError("the data leaves no training or evaluation examples")
     used = {k: len(v) for k, v in out.items()}
+    out = _with_prompt_options(cfg, out)
     return Examples(out, classes, describe_splits(chosen.notes, used, total), chosen.names["eval"])
 
 
@@ -135,7 +139,17 @@ def _bundled(cfg: TrainRecipeConfig) -> Examples:
     total = {"train": len(splits["train"]), **{r: len(splits[n]) for r, n in roles.items()}}
     used = {k: len(v) for k, v in out.items()}
     line = "bundled sentiment data: " + describe_splits(notes, used, total)
-    return Examples(out, classes, line, eval_split)
+    return Examples(_with_prompt_options(cfg, out), classes, line, eval_split)
+
+
+def _with_prompt_options(cfg: TrainRecipeConfig, splits: dict[str, Records]) -> dict[str, Records]:
+    """``sft`` rows with ``--system-prompt`` in every conversation; ``--chat-template`` read
+    (the tokenizer takes it later, but a missing file is refused before the slow part)."""
+    if cfg.chat_template is not None:
+        chat.chat_template_text(cfg.chat_template)
+    if cfg.system_prompt is None:
+        return splits
+    return {k: chat.with_system_prompt(v, cfg.system_prompt) for k, v in splits.items()}
 
 
 def _samples(value: int | str | None, default: int | None) -> int | None:

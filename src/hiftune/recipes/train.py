@@ -7,8 +7,9 @@ with the very same arguments, so both run the same loop. The recipe adds only wh
 around it: data and model loading (:mod:`.data`, :mod:`.models`), the task's encoding, loss and
 metrics (:mod:`.tasks`), the ``TrainingArguments`` (:mod:`.arguments`), the plan stated before
 training (:mod:`.plan`), a progress bar, per-step log and resumable interrupts (:mod:`.callbacks`),
-held-out answers of generation tasks (:mod:`.samples`) and the report (:mod:`.report`). Bad input
-raises :class:`~hiftune.errors.UserError`.
+held-out answers of generation tasks (:mod:`.samples`) and the report (:mod:`.report`), which
+covers the steps before a resume too (:mod:`.history`). Bad input raises
+:class:`~hiftune.errors.UserError`.
 
 With the default configuration it fine-tunes SmolLM2-135M-Instruct on the bundled movie-review
 sentiment task as prompt-based classification (``<sentence> It was great`` / ``... terrible``),
@@ -43,6 +44,7 @@ from ..errors import UserError
 from ..integrations.transformers import HiFTTrainer, unwrap_hift
 from .arguments import RESUMABLE, TRAINING_ARGS, optimizer_kwargs, training_arguments
 from .callbacks import Interrupt, Progress, RunFinished, StopIfFinished
+from .chat import set_chat_template
 from .config import (
     RESUMABLE_CHANGES,
     RUN_CONFIG,
@@ -52,6 +54,7 @@ from .config import (
 )
 from .examples import Examples, load_examples
 from .guards import NonFiniteGuard
+from .history import History
 from .models import (
     PRESETS,
     ModelError,
@@ -64,7 +67,7 @@ from .plan import Plan, build_plan
 from .report import format_metrics, write_report
 from .rundir import OutputDir, is_main_process, launched_processes, on_main, owned_process_group
 from .safe_io import check_output_dir, checkpoint_writes, save_final_model
-from .samples import SAMPLES, generate, held_out_prompts, samples_record
+from .samples import HeldOut
 from .schedule import NONE, Schedule, planned_steps, resolve_always_active, resolve_schedule
 from .sources import data_identity
 from .tasks import ListDataset, Task, build_task
@@ -183,6 +186,8 @@ class Recipe:
             loading_info=True,
             labels=classes,  # seq-cls: the saved model's config names the user's classes
         )
+        if cfg.chat_template is not None:  # before encoding; saved with the model's tokenizer
+            set_chat_template(tokenizer, cfg.chat_template)
         hift = cfg.method == "hift"
         always = resolve_always_active(model, cfg.always_active if hift else NONE, new_weights)
         n_units = check_model_fits(
@@ -244,7 +249,9 @@ class Recipe:
 
         interrupt = Interrupt()
         progress = Progress(meta, interrupt)
+        history = History(meta, progress, saved, started=t_start)
         trainer = self._build_trainer(model, tokenizer, task, train_ds, eval_ds, out_dir, schedule)
+        trainer.add_callback(history)  # first: it updates what progress saves with a checkpoint
         trainer.add_callback(progress)
         guard = NonFiniteGuard()
         trainer.add_callback(guard)
@@ -256,18 +263,17 @@ class Recipe:
                     "zero-shot evaluation on %d %s examples", len(eval_ds), examples.eval_split
                 )
             meta["zero_shot"] = self._evaluate(trainer, "zero-shot")
-        # Generation tasks: a few held-out prompts, answered by the base model now (a resumed
-        # run's base answers come with its checkpoint) and by the fine-tuned one at the end.
-        # Only the main process reports them.
-        prompts = held_out_prompts(task.encode(splits["eval"][:SAMPLES])) if main else []
-        if prompts and saved is None:
-            answers = generate(model, tokenizer, prompts)
-            meta["samples"] = samples_record(tokenizer, prompts, answers)
-        elif prompts and saved is not None:  # its base answers, if they answer these prompts
-            fresh = samples_record(tokenizer, prompts, None)
-            base = saved.get("samples") or []
-            same = [b.get("prompt") for b in base] == [f["prompt"] for f in fresh]
-            meta["samples"] = base if same else fresh
+        # sft: held-out prompts answered by the base model now (with the zero-shot evaluation:
+        # its exact match and ROUGE-L join those metrics; a resumed run's base answers come with
+        # its checkpoint) and by the fine-tuned one at the end. Only the main process asks.
+        held_out = None
+        if main and cfg.task == "sft":
+            held_out = HeldOut.build(splits["eval"], tokenizer, cfg.max_length, cfg.eval_batch_size)
+        if held_out is not None and saved is None:
+            base = held_out.answer(model, meta.get("zero_shot"), "zero-shot")
+            meta["samples"] = held_out.samples(base)
+        elif held_out is not None and saved is not None:
+            meta["samples"] = held_out.resumed_samples(saved.get("samples"))
         if main:
             (out_dir / RUN_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -301,25 +307,24 @@ class Recipe:
         if main:  # (the Trainer saves on the main process only; every rank has these weights)
             save_final_model(trainer, out_dir)  # with the tokenizer (its processing_class)
         self._close(trainer)
-        if prompts:
-            for sample, answer in zip(
-                meta["samples"], generate(trainer.model, tokenizer, prompts), strict=True
-            ):
-                sample["fine_tuned"] = answer
+        if held_out is not None:
+            answers = held_out.answer(trainer.model, final, "fine-tuned")
+            held_out.add_fine_tuned(meta["samples"], answers)
         device = trainer.args.device
         report = write_report(
             out_dir,
             cfg,
             meta=meta,
             final=final,
-            steps=progress.steps,
+            # The whole run's, also the steps before a resume.
+            steps=history.steps(),
             hift=unwrap_hift(trainer.optimizer),
             epochs=trainer.state.epoch or 0.0,
             global_step=trainer.state.global_step,
-            train_loss=getattr(result, "training_loss", float("nan")),
-            train_seconds=train_seconds,
-            total_seconds=time.perf_counter() - t_start,
-            peak_memory_mib=progress.peak_mib(),
+            train_loss=history.train_loss(getattr(result, "training_loss", float("nan"))),
+            train_seconds=history.train_seconds(train_seconds),
+            total_seconds=history.total_seconds(),
+            peak_memory_mib=history.peak_memory_mib(),
             memory_kind="CUDA allocated" if device.type == "cuda" else "resident set",
             n_train=len(train_ds),
             n_eval=len(eval_ds),
