@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from hiftune.cli import build_parser
+from hiftune.cli import parse_args
 from hiftune.cli.train import config_from_args
 from hiftune.recipes.config import TrainRecipeConfig
 from hiftune.recipes.schedule import ALWAYS_ACTIVE_LR_SCALE, UNITS_PER_GROUP
 
 
 def parse(*argv: str) -> TrainRecipeConfig:
-    return config_from_args(build_parser("train").parse_args(["train", *argv]))
+    return config_from_args(parse_args(["train", *argv]))
 
 
 def test_schedule_flags_reach_the_config() -> None:
@@ -43,7 +43,7 @@ def test_schedule_defaults_are_the_recipes(capsys: pytest.CaptureFixture[str]) -
     )
     assert cfg.always_active_lr_scale == ALWAYS_ACTIVE_LR_SCALE
     with pytest.raises(SystemExit):
-        build_parser("train").parse_args(["train", "--help"])
+        parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--units-per-group UNITS_PER_GROUP m, units trained together; auto: the smallest m" in (
         text
@@ -66,6 +66,6 @@ def test_bad_flag_values_are_refused(
     capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        build_parser("train").parse_args(["train", *argv])
+        parse_args(["train", *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hiftune.cli import build_parser
+from hiftune.cli import parse_args
 from hiftune.cli.train import config_from_args
 from hiftune.engine.optimizers import resolve_optimizer
 from hiftune.errors import UserError
@@ -23,7 +23,7 @@ from hiftune.recipes.config import RUN_CONFIG, TrainRecipeConfig, build_config
 
 
 def parse(*argv: str) -> TrainRecipeConfig:
-    return config_from_args(build_parser("train").parse_args(["train", *argv]))
+    return config_from_args(parse_args(["train", *argv]))
 
 
 def test_aliases_are_training_arguments_fields() -> None:
@@ -192,3 +192,21 @@ def test_scheduler_options_pass_through(tmp_path: Path, tiny_llama: Path) -> Non
     )
     # 3 cycles: cosine from 1e-2 down towards min_lr, one value per cycle.
     assert lrs[0] == lrs[3] == pytest.approx(1e-2) and lrs[4] == lrs[7] > lrs[8] > 1e-3
+
+
+def test_gradient_checkpointing_is_one_name_without_a_deprecation_warning(tmp_path: Path) -> None:
+    import warnings
+
+    cfg = parse("--gradient-checkpointing")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        args = training_arguments(cfg, tmp_path)
+    assert args.gradient_checkpointing is True
+    if "activation_checkpointing" in training_argument_fields():  # transformers >= 5
+        assert args.activation_checkpointing is True
+        assert not [w for w in caught if "gradient_checkpointing" in str(w.message)]
+    with pytest.raises(UserError, match="same option with different values"):
+        training_arguments(
+            build_config({"gradient_checkpointing": True, "activation_checkpointing": False}),
+            tmp_path,
+        )

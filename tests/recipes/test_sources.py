@@ -256,11 +256,11 @@ def test_describe_splits() -> None:
 
 
 def test_model_and_data_options_reach_the_config(tmp_path: Path) -> None:
-    from hiftune.cli import build_parser
+    from hiftune.cli import parse_args
     from hiftune.cli.train import config_from_args
 
     def parse(*argv: str) -> TrainRecipeConfig:
-        return config_from_args(build_parser("train").parse_args(["train", *argv]))
+        return config_from_args(parse_args(["train", *argv]))
 
     cfg = parse(
         "--model", "org/model", "--revision", "v1", "--trust-remote-code", "--dtype", "bf16",

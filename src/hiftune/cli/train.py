@@ -16,17 +16,20 @@ from typing import Any
 
 from ..engine.config import GROUP_BY, OFFLOADS, ORDERS, PRECISIONS
 from ..engine.optimizers import METHODS, OPTIMIZERS
-from ..recipes.arguments import CONTROLLED
 from ..recipes.config import (
     EVAL_SPLITS,
     SCHEDULERS,
     TrainRecipeConfig,
     build_config,
-    config_keys,
 )
 from ..recipes.models import DTYPES, PRESETS, TASKS
 from ..recipes.report import format_metrics
 from ..recipes.schedule import FALLBACK_UNITS_PER_GROUP, MIN_UPDATES
+from .training_args import (
+    add_training_arguments,
+    could_be_training_option,
+    describe_training_arguments,
+)
 from .types import positive_float, positive_int, unit_budget, units_per_group
 
 #: Exit code of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT); SIGTERM gives
@@ -43,7 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = "hiftune train [--model MODEL] [--data DATA ...] [--task TASK] [options]"
     _add_model_data_arguments(parser)
     _add_training_arguments(parser)
-    _add_transformers_arguments(parser)
+    describe_training_arguments(parser)
+
+
+#: The TrainingArguments options: added to the parser only for a command line that may use one.
+add_extra_arguments = add_training_arguments
+is_extra_option = could_be_training_option
 
 
 def _add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -284,54 +292,6 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         default=S,
         help="YAML or JSON file with any of the options (flags given here win over it)",
     )
-
-
-def _add_transformers_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every ``transformers.TrainingArguments`` field hiftune has no option of its own for.
-
-    The options are ``HfArgumentParser``'s (``--name`` and ``--name-with-dashes``, booleans as
-    ``--flag`` / ``--flag false`` / ``--no-flag``), copied with no default so that only what is
-    typed reaches the configuration. hiftune's own options win: a field it has under the same
-    name (``--seed``) is not added twice, and one it has under another name (``--lr``) is also
-    reachable as ``--learning-rate`` (giving both with different values is an error).
-    """
-    from transformers import HfArgumentParser, TrainingArguments
-
-    own = config_keys()
-    g = parser.add_argument_group(
-        "transformers TrainingArguments",
-        "any other TrainingArguments option, passed to the Trainer (hiftune's defaults: log every "
-        "step, report_to none, eval_strategy no, its own progress bar); those hiftune sets itself "
-        f"are refused: {', '.join(CONTROLLED)}",
-    )
-    # (transformers types its argument as a NewType over Any, which no class matches)
-    hf = HfArgumentParser(TrainingArguments, add_help=False)  # type: ignore[arg-type]
-    # argparse keeps no public list of a parser's actions; ``_actions`` is what its own
-    # ``parents=`` mechanism copies.
-    for action in hf._actions:
-        if action.dest in own or isinstance(action, argparse._HelpAction):
-            continue
-        kwargs: dict[str, Any] = {
-            "dest": action.dest,
-            "default": argparse.SUPPRESS,
-            "help": _first_sentence(action.help),
-        }
-        if isinstance(action, argparse._StoreFalseAction):
-            kwargs["action"] = "store_false"
-        else:
-            kwargs.update(
-                nargs=action.nargs, const=action.const, type=action.type, choices=action.choices
-            )
-            if action.metavar is not None:
-                kwargs["metavar"] = action.metavar
-        with contextlib.suppress(argparse.ArgumentError):  # an option string hiftune has
-            g.add_argument(*action.option_strings, **kwargs)
-
-
-def _first_sentence(text: str | None) -> str:
-    """The first sentence of a help text, safe for argparse's %-formatting."""
-    first = (text or "").strip().split(". ")[0].rstrip(".")
-    return first.replace("%", "%%")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainRecipeConfig:

@@ -90,6 +90,16 @@ RESUMABLE: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
+#: hiftune's one name for an option transformers renamed -> the newer name. Every transformers
+#: version hiftune supports takes the old name, and those that have the newer one warn that the
+#: old is deprecated: :func:`training_arguments` sets the newer one where it exists.
+RENAMED: Mapping[str, str] = types.MappingProxyType(
+    {
+        "gradient_checkpointing": "activation_checkpointing",
+        "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+    }
+)
+
 #: Where a configuration's pass-through ``TrainingArguments`` options live.
 TRAINING_ARGS = "training_args"
 
@@ -212,6 +222,26 @@ def _coerce(value: Any, kind: Any) -> Any:
     return value
 
 
+def _renamed(extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` with the :data:`RENAMED` options under their newer names, where they exist.
+
+    Raises:
+        UserError: If an option is given under both names with different values.
+    """
+    fields = training_argument_fields()
+    for old, new in RENAMED.items():
+        if old not in extra or new not in fields:
+            continue
+        value = extra.pop(old)
+        if new in extra and extra[new] != value:
+            raise UserError(
+                f"{old}={value!r} and {new}={extra[new]!r} are the same option with different "
+                f"values; give {old}"
+            )
+        extra[new] = value
+    return extra
+
+
 def optimizer_kwargs(cfg: Any) -> dict[str, Any]:
     """The optimizer's keyword arguments from the configuration: ``lr`` and Adam's options."""
     kwargs: dict[str, Any] = {"lr": cfg.lr}
@@ -240,7 +270,7 @@ def training_arguments(cfg: Any, out_dir: Path, *, loss_only: bool = False) -> A
     """
     from transformers import TrainingArguments
 
-    extra = {k: v for k, v in cfg.training_args.items() if k not in ADAM_OPTIONS}
+    extra = _renamed({k: v for k, v in cfg.training_args.items() if k not in ADAM_OPTIONS})
     # FPFT's bf16 is the Trainer's autocast; HiFT's mixed precision lives in its optimizer.
     bf16 = bool(extra.pop("bf16", False)) or (cfg.method == "fpft" and cfg.precision == "bf16")
     values: dict[str, Any] = dict(
