@@ -8,10 +8,12 @@
 * :mod:`.sources`: the user's data through ``datasets`` (files, directories, Hub ids), splits;
 * :mod:`.examples`: the run's examples (the demo's subsets, or the user's data whole);
 * :mod:`.data`: the bundled sentiment task, labels, prompt formats, collators;
-* :mod:`.chat`: ``sft`` rows (messages, prompt/completion, text) and their loss masks;
+* :mod:`.chat`: ``sft`` rows (messages, ShareGPT, Alpaca, prompt/completion, text), the system
+  prompt and chat template, and their loss masks;
 * :mod:`.tasks`: per-task encoding, loss and metrics;
 * :mod:`.plan`: the plan shown before training (split, peak group, estimated memory);
-* :mod:`.samples`: held-out prompts answered before and after training;
+* :mod:`.samples`: ``sft``'s held-out prompts answered before and after training;
+* :mod:`.generation`: exact match and ROUGE-L of those answers;
 * :mod:`.callbacks`: progress bar, per-step log, Ctrl-C handling;
 * :mod:`.report`: ``report.json``, ``report.md`` and plots of a finished run;
 * :mod:`.train`: :class:`~.train.Recipe`, the run itself.
