@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -132,12 +134,43 @@ def test_preemption_signal_checkpoints_and_resumes_bit_identical(
     code, out, err = signal_held_run(tmp_path, argv, "2", signum)
     assert code == 128 + signum, err
     ckpt = out_dir / "checkpoint-2"
-    assert f"resume with: hiftune train --resume {ckpt}" in out
     assert "Traceback" not in err
 
-    code, _, err = run_cli(capsys, "--resume", ckpt)
+    code, _, err = run_cli(capsys, *printed_resume_command(out, ckpt))
     assert code == 0, err
     assert json.loads((out_dir / "report.json").read_text())["steps"] == 6
+    assert_same_weights(out_dir / "model.safetensors", straight / "run" / "model.safetensors")
+
+
+def printed_resume_command(out: str, checkpoint: Path) -> list[str]:
+    """The arguments of the resume command in ``out``, checked to start a hiftune that the shell
+    finds from here (the current directory, this process's ``PATH``)."""
+    [line] = [line for line in out.splitlines() if line.startswith("resume with: ")]
+    program, *args = shlex.split(line.removeprefix("resume with: "))
+    assert args == ["train", "--resume", str(checkpoint)], line
+    found = shutil.which(program)  # a name on the PATH, or a path from the current directory
+    assert found is not None, f"{line!r}: the shell finds no {program}"
+    assert Path(found).resolve() == (Path(sysconfig.get_path("scripts")) / "hiftune").resolve()
+    return args[1:]
+
+
+def test_the_printed_resume_command_works_under_make_run(
+    capsys, monkeypatch, tmp_path: Path, tiny_llama: Path, straight: Path
+) -> None:
+    # make run starts .venv/bin/hiftune by its path, from the project, with no venv activated.
+    scripts = Path(sysconfig.get_path("scripts"))
+    monkeypatch.chdir(scripts.parent.parent)
+    monkeypatch.setattr(sys, "argv", [os.path.relpath(scripts / "hiftune"), "train"])
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.defpath.split(os.pathsep) if p))
+    assert shutil.which("hiftune") is None
+    out_dir = tmp_path / "run"
+    with monkeypatch.context() as m:
+        signal_at(m, 2)
+        code, out, _ = run_cli(capsys, *base_args(tiny_llama, straight), "--output-dir", out_dir)
+    assert code == 130
+    assert f"resume with: {os.path.relpath(scripts / 'hiftune')} train --resume " in out
+    code, _, err = run_cli(capsys, *printed_resume_command(out, out_dir / "checkpoint-2"))
+    assert code == 0, err
     assert_same_weights(out_dir / "model.safetensors", straight / "run" / "model.safetensors")
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import UserError, first_line
 from .checkpoints import MANIFEST
 from .filemodes import match_new_files
+from .launch import resume_command
 
 #: Below this many free bytes, a write error without an errno is taken for a full disk (torch's
 #: zip writer reports ENOSPC only as "unexpected pos" / "file write failed").
@@ -126,7 +127,7 @@ def _keeping(out_dir: Path) -> str:
     last = last_checkpoint(out_dir)
     if last is None:
         return "no checkpoint was saved before (--save-steps N keeps some)"
-    return f"the last checkpoint {last} is kept: resume with hiftune train --resume {last}"
+    return f"the last checkpoint {last} is kept: resume with {resume_command(last)}"
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ from .config import (
 from .examples import Examples, load_examples
 from .guards import NonFiniteGuard
 from .history import History
+from .launch import resume_command
 from .models import (
     PRESETS,
     ModelError,
@@ -103,6 +104,13 @@ class TrainResult:
     def interrupted(self) -> bool:
         """Whether a Ctrl-C stopped the run after saving :attr:`checkpoint`."""
         return self.report is None
+
+    @property
+    def resume_command(self) -> str | None:
+        """The shell command that resumes an interrupted run from :attr:`checkpoint`, as it
+        works in the current directory (``.venv/bin/hiftune train --resume ...`` when
+        ``hiftune`` is not on the ``PATH``); ``None`` if the run finished."""
+        return resume_command(self.checkpoint) if self.checkpoint is not None else None
 
 
 class Recipe:
