@@ -25,6 +25,7 @@ from hiftune.recipes import data as D
 from hiftune.recipes import safe_io
 from hiftune.recipes.config import TrainRecipeConfig, build_config
 from hiftune.recipes.guards import NonFiniteGuard
+from hiftune.recipes.launch import resume_command
 from hiftune.recipes.tasks import PromptClsTask
 
 CLS = ["--text-field", "sentence", "--label-field", "sentiment"]
@@ -222,7 +223,7 @@ def test_full_disk_at_the_final_save_leaves_no_partial_model_and_keeps_the_check
         code,
         err,
         f"cannot save the fine-tuned model to {out}: No space left on device",
-        f"the last checkpoint {last} is kept: resume with hiftune train --resume {last}",
+        f"the last checkpoint {last} is kept: resume with {resume_command(last)}",
     )
     assert not (out / "model.safetensors").exists() and not (out / "report.json").exists()
     assert not list(out.glob(".final*")) and (last / "model.safetensors").is_file()

@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
         if result.main_process:  # under torchrun, one process speaks for the run
             print(
                 f"interrupted at step {result.steps}; checkpoint saved to {result.checkpoint}\n"
-                f"resume with: hiftune train --resume {result.checkpoint}"
+                f"resume with: {result.resume_command}"
             )
         return 128 + result.signum if result.signum else INTERRUPTED
     if result.main_process:
