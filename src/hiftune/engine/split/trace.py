@@ -205,7 +205,14 @@ def _watch(
     ]
     try:
         model.eval()
-        with torch.no_grad(), _Uses(names, first_use, tick):
+        # A compiled model (torch.compile) runs eagerly here: under dynamo the mode does not see
+        # the operations in the order they run (a tied embedding looked first used after the
+        # blocks, so its rows went to the head's group and lost the lookup's gradient).
+        with (
+            torch.no_grad(),
+            torch.compiler.set_stance("force_eager"),
+            _Uses(names, first_use, tick),
+        ):
             call()
     finally:
         for h in handles:
