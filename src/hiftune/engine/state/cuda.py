@@ -85,6 +85,8 @@ class Cuda:
     def pinned(self, nbytes: int) -> torch.Tensor:
         """``nbytes`` of page-locked host memory (``uint8``), or plain memory if pinning fails."""
         buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes == 0:
+            return buffer  # nothing to pin (a group of empty tensors)
         error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
         if int(error) != 0:
             # Copies from plain memory are correct, only synchronous: slower, never wrong.

@@ -76,6 +76,8 @@ class HostStore(StateStore):
         # key -> the group's buffer: kept while the group is on its device, for its next put
         self._buffers: dict[int, _Buffer] = {}
         self._finalizer = weakref.finalize(self, _release, self._buffers, self._cuda)
+        # Not at interpreter exit: CUDA may be torn down by then, and the process frees it all.
+        self._finalizer.atexit = False
 
     def put(self, key: int, tensors: Tensors) -> None:
         tensors, specs = to_local(tensors)
