@@ -26,8 +26,14 @@ test: lint
 # The same as `make test` (kept as the name reviewers look for).
 check: test
 
+# The demo's output directory. An interrupted run there (a checkpoint, no report yet) is resumed;
+# a finished one is replaced by a new run; an interrupted one is never removed.
+RUN_DIR ?= runs/smollm2-135m-prompt-cls-hift
+RUN_STATE = $(if $(wildcard $(RUN_DIR)/report.json),finished,$(if $(wildcard $(RUN_DIR)/checkpoint-*),interrupted,new))
+RUN_ARGS = $(if $(filter interrupted,$(RUN_STATE)),--resume $(RUN_DIR),--overwrite-output-dir)
+
 run: install
-	$(BIN)/hiftune train --overwrite-output-dir
+	$(BIN)/hiftune train --output-dir $(RUN_DIR) $(RUN_ARGS)
 
 # Lint, format check and type check (the layering contract is a test: tests/test_layers.py).
 lint: install
