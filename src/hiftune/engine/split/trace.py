@@ -182,6 +182,13 @@ def _run(model: nn.Module, block_paths: Sequence[str], device: torch.device) -> 
     return trace
 
 
+def _eager() -> Any:
+    """Runs compiled code eagerly (``torch.compiler.set_stance`` is torch >= 2.6)."""
+    if hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return torch._dynamo.config.patch(disable=True)
+
+
 def _watch(
     model: nn.Module, block_paths: Sequence[str], call: Callable[[], Any], device: torch.device
 ) -> Trace:
@@ -210,7 +217,7 @@ def _watch(
         # blocks, so its rows went to the head's group and lost the lookup's gradient).
         with (
             torch.no_grad(),
-            torch.compiler.set_stance("force_eager"),
+            _eager(),
             _Uses(names, first_use, tick),
         ):
             call()
