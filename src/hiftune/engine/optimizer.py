@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import Checkpoint
 from .claims import claim_model, release_claim, release_stale_claim
 from .config import HiFTConfig
 from .distributed import all_reduce_mean, should_sync, world_size
@@ -39,7 +40,7 @@ from .state import precision
 from .state.inner import GroupStates, ParamGroupsFn
 from .state.paging import StateStore, make_store
 from .state.precision import DTYPES, LossScaler
-from .state.state_dict import STATE_DICT_VERSION, Layout, class_name, validate_state_dict
+from .state.state_dict import STATE_DICT_VERSION, Layout, class_name
 from .state.zero import StateSharding
 from .truncation import BackwardTruncation
 
@@ -178,6 +179,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
             precision=self.config.precision,
             rotating=len(bottom_up),
             steps_per_group=self.config.steps_per_group,
+        )
+        self._checkpoint = Checkpoint(
+            self._layout,
+            self._tensors,
+            self._states,
+            self._rotation,
+            scaler=self._scaler,
+            sharding=self._sharding,
+            always=self._always,
         )
         weights = list({id(w): w for t in self._tensors for w in t.weights}.values())
         self._truncation = BackwardTruncation(model, self.units)
@@ -431,19 +441,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 saving.
         """
         self._check_usable()
-        groups = [self._states.copy(b, self._mixed) for b in range(len(self._inner))]
-        if self._sharding is not None:  # a collective: each group as its owner keeps it
-            groups = [
-                g if b == self._always else self._sharding.share(b, g) for b, g in enumerate(groups)
-            ]
-        return {
-            "hift": {
-                **self._layout.to_meta(),
-                **self._rotation.to_meta(),
-                "scaler": self._scaler.state_dict() if self._scaler else None,
-            },
-            "groups": groups,
-        }
+        return self._checkpoint.save()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` output into an optimizer built on an identical model.
@@ -458,17 +456,11 @@ class HiFTOptimizer(torch.optim.Optimizer):
         """
         if self._closed:
             self._check_usable()  # says why it is closed (e.g. a newer optimizer took over)
-        meta = validate_state_dict(state_dict, self._layout)
-        for b, saved in enumerate(state_dict["groups"]):
-            saved = {**saved, "masters": saved["masters"] if self._mixed else None}
-            self._states.load(b, saved, self._params[b][0].device)
+        self._checkpoint.load(state_dict)
         # Optimizer.load_state_dict replaces the group dicts; share the new ones again.
         self.param_groups = self._collect_param_groups()
         for tensors in self._tensors:
             tensors.deactivate()
-        self._rotation.load_meta(meta)
-        if self._scaler is not None and meta.get("scaler") is not None:
-            self._scaler.load_state_dict(meta["scaler"])
         self._grads_ready = False
         self._failure = None
         self._activate()
