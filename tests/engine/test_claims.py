@@ -12,6 +12,7 @@ from tinymodels import (
     assert_a_cycle_changes_every_parameter,
     hook_count,
     lm_loss,
+    train_steps,
 )
 
 
@@ -65,3 +66,39 @@ def test_a_driven_model_still_pickles_and_deep_copies():
     HiFTOptimizer(model, torch.optim.SGD, lr=0.1)
     torch.save(model, io.BytesIO())
     assert isinstance(copy.deepcopy(model), TinyLM)
+
+
+def _pickled(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_copy_of_a_driven_model_is_a_plain_model(batches, how, precision):
+    # A copy taken mid-cycle (a "best model" snapshot) used to keep HiFT's freezing and its
+    # backward-truncation hooks, without any optimizer to ever undo them.
+    torch.manual_seed(0)
+    model = TinyLM()
+    model.pos.weight.requires_grad_(False)  # the user's own freezing is kept
+    opt = HiFTOptimizer(model, torch.optim.SGD, HiFTConfig(precision=precision), lr=0.1)
+    train_steps(model, opt, batches[:4])  # a block is active: the blocks below it are cut off
+    frozen = [p.requires_grad for p in model.parameters()]
+    copied = copy.deepcopy(model) if how == "deepcopy" else _pickled(model)
+    assert [n for n, p in copied.named_parameters() if not p.requires_grad] == ["pos.weight"]
+    assert hook_count(copied) == 0
+    # Its gradients are a plain model's: every trainable parameter gets its full gradient.
+    plain = TinyLM().to(copied.embed.weight.dtype)
+    plain.load_state_dict(copied.state_dict())
+    lm_loss(copied, batches[4]).backward()
+    lm_loss(plain, batches[4]).backward()
+    for (n, p), q in zip(copied.named_parameters(), plain.parameters(), strict=True):
+        if n != "pos.weight":
+            torch.testing.assert_close(p.grad, q.grad, msg=n)
+    # The driven model is untouched and trains on.
+    assert [p.requires_grad for p in model.parameters()] == frozen
+    assert hook_count(model) == 2 * len(model.blocks)
+    train_steps(model, opt, batches[5:8])
+    assert opt.steps == 7

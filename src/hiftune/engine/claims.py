@@ -5,6 +5,11 @@ model would fight over ``requires_grad``, so a new optimizer takes the model ove
 closed (with a warning) and refuses to step from then on. An optimizer dropped without ``close()``
 (a notebook cell re-run, say) would leave its freezing and hooks behind. The registry here remembers, per model,
 a :class:`Claim` that can undo those changes without the optimizer that made them.
+
+A copy of a driven model (``copy.deepcopy``, or ``torch.save`` and ``torch.load``) is a plain model:
+every parameter the optimizer manages trainable, no backward-truncation hooks, no optimizer. The
+claim puts a :class:`CopyGuard` on the model for that: copying and pickling visit it before the
+model's submodules, and it makes the copy's parameters trainable and removes the copy's hooks.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ from __future__ import annotations
 import gc
 import warnings
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .truncation import BackwardTruncation
 
@@ -43,14 +51,58 @@ class Claim:
         self.released = False
         #: Set when a newer optimizer took the model over: the owner must refuse to step.
         self.superseded = False
+        self._guard: RemovableHandle | None = None
+
+    def guard_copies(self, model: nn.Module) -> None:
+        """Puts a :class:`CopyGuard` on ``model`` (removed by :meth:`release`)."""
+        # A state-dict pre-hook: a slot that copying visits before the submodules (a module's
+        # hook dicts come before its ``_modules``) and that costs nothing in forward.
+        self._guard = model.register_state_dict_pre_hook(CopyGuard(self.params, self.truncation))
 
     def release(self) -> None:
         """Removes the hooks and makes the parameters trainable again (once)."""
         if not self.released:
+            if self._guard is not None:
+                self._guard.remove()
             self.truncation.remove()
             for p in self.params:
                 p.requires_grad_(True)
             self.released = True
+
+
+class CopyGuard:
+    """Makes a copy or an unpickled copy of a driven model a plain model; does nothing else.
+
+    Its ``__reduce__`` (which both ``copy.deepcopy`` and ``pickle`` use) hands the managed
+    parameters and the truncation hooks to :func:`_plain_copy`, through the copier's memo, so that
+    it receives the very copies the copied model holds.
+
+    Args:
+        params: The parameters the optimizer freezes and unfreezes.
+        truncation: Its backward-truncation hooks.
+    """
+
+    def __init__(self, params: list[nn.Parameter], truncation: BackwardTruncation) -> None:
+        self.params = params
+        self.truncation = truncation
+
+    def __call__(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        return None
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        return _plain_copy, (self.params, self.truncation)
+
+
+def _plain_copy(params: list[nn.Parameter], truncation: BackwardTruncation) -> Callable[..., None]:
+    """Undoes a copied claim on the copied tensors; returns the copy's (inert) state-dict hook."""
+    truncation.remove()
+    for p in params:
+        p.requires_grad_(True)
+    return _copied
+
+
+def _copied(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """What a copy of a driven model keeps of its :class:`CopyGuard`: a hook that does nothing."""
 
 
 def claim_model(
@@ -62,6 +114,7 @@ def claim_model(
         The new :class:`Claim`, for :func:`release_claim` when the owner closes.
     """
     claim = Claim(owner, truncation, params)
+    claim.guard_copies(model)
     _CLAIMS[model] = claim
     return claim
 
