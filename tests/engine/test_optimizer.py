@@ -1,7 +1,9 @@
 """HiFTOptimizer: one group per step, any optimizer, paging, orders, clipping, exact resume."""
 
 import copy
+import io
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -297,3 +299,15 @@ def test_loading_a_checkpoint_of_another_model_fails_clearly(tiny_lm):
         opt.load_state_dict(other.state_dict())
     with pytest.raises(ValueError, match="not a HiFTOptimizer state dict"):
         opt.load_state_dict(torch.optim.AdamW(tiny_lm.parameters()).state_dict())
+
+
+@pytest.mark.parametrize("offload", ["none", "host", "disk"])
+def test_copying_or_pickling_the_optimizer_is_refused_with_what_to_do(tiny_lm, batches, offload):
+    # A copy would drive no model, and a pickle lost the paged state without a word: both refuse.
+    opt = HiFTOptimizer(tiny_lm, torch.optim.AdamW, HiFTConfig(offload=offload), lr=1e-2)
+    train_steps(tiny_lm, opt, batches[:3])
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps, lambda o: torch.save(o, io.BytesIO())):
+        with pytest.raises(TypeError, match=r"cannot be copied or pickled.*state_dict\(\)"):
+            attempt(opt)
+    train_steps(tiny_lm, opt, batches[3:5])  # the optimizer itself goes on
+    assert opt.steps == 5

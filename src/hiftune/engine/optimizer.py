@@ -29,6 +29,7 @@ from .checkpoint import Checkpoint
 from .claims import claim_model, release_claim, release_stale_claim
 from .config import HiFTConfig
 from .distributed import all_reduce_mean, should_sync, world_size
+from .guards import NOT_COPYABLE, DivergedError, Lifecycle, Placement
 from .handover import Handover
 from .rowgrad import row_gradient_owners
 from .schedule.delay import DelayedLR
@@ -157,9 +158,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
         self._inner = self._states.inner
         self._masters = self._states.masters
         self._grads_ready = False
-        # Why the optimizer cannot step any more (an fp16 divergence), until a checkpoint loads.
-        self._failure: str | None = None
-        self._closed = False
         # A failed construction hands the model back as it found it (see .handover).
         self._handover = Handover(model, self._tensors, self._states, self._store, self._dtype)
         self._handover.build(optimizer_cls, param_groups_fn, optimizer_kwargs)
@@ -189,9 +187,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
             sharding=self._sharding,
             always=self._always,
         )
+        # What each step checks the model still is: the dtypes and devices built for (cast above).
+        self._placement = Placement(model, self._tensors, self.config.precision)
         weights = list({id(w): w for t in self._tensors for w in t.weights}.values())
         self._truncation = BackwardTruncation(model, self.units)
-        self._claim = claim_model(model, self, self._truncation, weights)
+        # Closed, superseded, or stopped by an fp16 divergence until a checkpoint loads.
+        self._life = Lifecycle(claim_model(model, self, self._truncation, weights))
         self._activate()
 
     # --- the public surface -----------------------------------------------------------------
@@ -324,6 +325,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self._grads_ready:
             return
         stepped = self._stepped()
+        self._placement.check(stepped)  # before anything changes
         # Row shards take their rows of the full gradient first (freeing it), so that only the
         # active rows are all-reduced and paged-in state never meets the full-size gradient.
         take_grads(self._tensors[stepped[0]].shards)
@@ -365,12 +367,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
             What ``closure`` returned, if given.
 
         Raises:
-            FloatingPointError: With ``precision="fp16"``, if the step left fp32 master weights
-                that fp16 cannot hold (beyond +-65504, or inf/nan): training diverged. The model
+            DivergedError: With ``precision="fp16"``, if the step left fp32 master weights that
+                fp16 cannot hold (beyond +-65504, or inf/nan): training diverged (a
+                ``FloatingPointError``, and a ``UserError``: lower the learning rate). The model
                 keeps its last weights, and this optimizer refuses to step or save until a
                 :meth:`load_state_dict` restores a checkpoint.
+            RuntimeError: If the model was cast, moved or had its parameters replaced since this
+                optimizer was built (``model.half()``, ``model.cuda()``): build the optimizer
+                after that, or ``close()`` this one first. Nothing changes before it is raised.
         """
-        self._check_usable()
+        self._life.check()
         b = self._rotation.active
         stepped = self._stepped()
         loss = None
@@ -406,12 +412,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self._scaler is not None:
             # An fp16 weight of inf would overflow every later step: they would all be skipped.
             for s in stepped:
-                self._failure = precision.check_half_range(
+                self._life.failure = precision.check_half_range(
                     self._masters[s], self._dtype, self._states.names[s]
                 )
-                if self._failure is not None:
+                if self._life.failure is not None:
                     self._clear_grads()
-                    raise FloatingPointError(self._failure)
+                    raise DivergedError(self._life.failure)
         for s in stepped:
             self._tensors[s].write_back(self._masters[s])
         switch = self._rotation.advance()  # the update is done even if paging out fails below
@@ -440,7 +446,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
             RuntimeError: After an fp16 divergence (see :meth:`step`): its state is not worth
                 saving.
         """
-        self._check_usable()
+        self._life.check()
         return self._checkpoint.save()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -454,15 +460,15 @@ class HiFTOptimizer(torch.optim.Optimizer):
                 shape, optimizer class or precision, or is damaged (a queue position or group
                 order that does not fit, a group entry of the wrong form).
         """
-        if self._closed:
-            self._check_usable()  # says why it is closed (e.g. a newer optimizer took over)
+        if self._life.closed:
+            self._life.check()  # says why it is closed (e.g. a newer optimizer took over)
         self._checkpoint.load(state_dict)
         # Optimizer.load_state_dict replaces the group dicts; share the new ones again.
         self.param_groups = self._collect_param_groups()
         for tensors in self._tensors:
             tensors.deactivate()
         self._grads_ready = False
-        self._failure = None
+        self._life.failure = None
         self._activate()
 
     def close(self) -> None:
@@ -475,15 +481,19 @@ class HiFTOptimizer(torch.optim.Optimizer):
         cast back (their values rounded to half precision once). So a model wrapped again with
         ``precision="fp32"`` trains fp32 weights. Calling ``close()`` again does nothing.
         """
-        if self._closed:
+        if self._life.closed:
             return
-        self._closed = True
+        self._life.closed = True
         # A diverged group's masters are skipped: its weights keep their last finite values.
-        failed = self._rotation.active if self._failure is not None else None
+        failed = self._rotation.active if self._life.failure is not None else None
         try:
             self._handover.hand_back(self._handover.trained_masters(skip=failed))
         finally:
-            release_claim(self.model, self._claim)
+            release_claim(self.model, self._life.claim)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # copy.copy, copy.deepcopy and pickle all come here: a copy would drive no model.
+        raise TypeError(NOT_COPYABLE)
 
     def __repr__(self) -> str:
         inner = type(self._inner[0]).__name__
@@ -537,17 +547,3 @@ class HiFTOptimizer(torch.optim.Optimizer):
         finally:
             self._tensors[left].deactivate()
             self._activate()
-
-    def _check_usable(self) -> None:
-        if self._claim.superseded:
-            raise RuntimeError(
-                "this HiFTOptimizer was closed because a newer HiFTOptimizer took its model over; "
-                "step, save and load with the new one"
-            )
-        if self._closed:
-            raise RuntimeError("this HiFTOptimizer is closed")
-        if self._failure is not None:
-            raise RuntimeError(
-                f"this HiFTOptimizer stopped: {self._failure}. Load a checkpoint with "
-                "load_state_dict() or build a new optimizer"
-            )
