@@ -232,14 +232,6 @@ QUALITY: tuple[Method, ...] = (
         options={"defaults": True},
         adam_quality=None,
     ),
-    Method(
-        "hift-imp",
-        "hift",
-        "hiftune defaults, importance order (experimental)",
-        "hiftune",
-        options={"defaults": True, "order": "importance"},
-        adam_quality=None,
-    ),
 )
 
 BY_NAME = {m.name: m for m in (*METHODS, *QUALITY)}

@@ -106,17 +106,11 @@ _SMOLLM2_SHORT = Settings(
 #: budget on the MiniLM tasks only, no SmolLM2 equal-time budget, and no (d) on TREC. ``FULL`` is
 #: the whole plan.
 #: Row (e), fewer and larger groups than ``auto`` picks on the MiniLM tasks' short budget, and
-#: TREC's long budget were added after the first pass (their runs alone: the others' are reused),
-#: and the experimental importance order (``hift-imp``) in a later session.
+#: TREC's long budget were added after the first pass (their runs alone: the others' are reused).
 SESSION: dict[str, TaskPlan] = {
-    "minilm": replace(
-        _MINILM, short=replace(_MINILM.short, methods=(*_MINILM_SHORT, "hift-e", "hift-imp"))
-    ),
+    "minilm": replace(_MINILM, short=replace(_MINILM.short, methods=(*_MINILM_SHORT, "hift-e"))),
     "trec": TaskPlan(
-        replace(
-            _MINILM.short,
-            methods=(*_MINILM_SHORT[:-2], "hift-e", "hift-defaults", "hift-imp"),
-        ),
+        replace(_MINILM.short, methods=(*_MINILM_SHORT[:-2], "hift-e", "hift-defaults")),
         _MINILM.long,
     ),
     "smollm2": TaskPlan(
@@ -263,9 +257,8 @@ def resolve_options(
         return {**opts, "active_modules": list(task.badam_active)}, []
     if method.family != "hift":
         return opts, []
-    if opts.pop("defaults", False):  # the recipe's defaults, with the row's options on top
-        out, notes = recipe_defaults(facts, total)
-        return {**out, **opts}, notes
+    if opts.pop("defaults", False):
+        return recipe_defaults(facts, total)
     base, _ = recipe_defaults(facts, total)
     head = opts.pop("head", False) and task.new_head is not None
     scale = float(opts.pop("always_active_lr_scale", 1.0))

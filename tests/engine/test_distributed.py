@@ -25,8 +25,6 @@ def _data():
 
 #: The schedule options (tests/engine/test_schedule.py) under data parallelism.
 SCHEDULE = {"always_active": (r"lm_head\..*",), "always_active_lr_scale": 3.0, "steps_per_group": 2}
-#: The importance order: every rank must draw the same groups (from the averaged gradients).
-IMPORTANCE = {"order": "importance", "always_active": (r"lm_head\..*",)}
 
 
 def _train(ids_for_step, precision="fp32", **schedule):
@@ -60,9 +58,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize(
-    "schedule", [{}, SCHEDULE, IMPORTANCE], ids=["paper", "schedule-options", "importance"]
-)
+@pytest.mark.parametrize("schedule", [{}, SCHEDULE], ids=["paper", "schedule-options"])
 def test_two_ranks_match_one_process_on_the_full_batch(tmp_path, schedule):
     out = str(tmp_path / "w")
     mp.start_processes(

@@ -41,7 +41,6 @@ def build(
     always_active: Sequence[str] = (),
     always_active_lr_scale: float = 1.0,
     steps_per_group: int = 1,
-    order: str = "bottom2up",
 ) -> Trainer:
     """HiFT over ``torch.optim.AdamW`` (bottom-up order, the default unit split).
 
@@ -54,9 +53,8 @@ def build(
         always_active: Regexes of parameters trained at every step (e.g. a new head).
         always_active_lr_scale: Factor on their learning rate.
         steps_per_group: K consecutive steps per group before the next one.
-        order: The group order (``"importance"``: drawn by the groups' gradients).
 
-    The newer options are passed only when they differ from their defaults, so an engine
+    The three newer options are passed only when they differ from their defaults, so an engine
     without them still runs the paper's schedule.
     """
     extra: dict[str, object] = {}
@@ -65,8 +63,6 @@ def build(
         extra["always_active_lr_scale"] = always_active_lr_scale
     if steps_per_group != 1:
         extra["steps_per_group"] = steps_per_group
-    if order != "bottom2up":
-        extra["order"] = order
     config = HiFTConfig(
         units_per_group=units_per_group,
         offload=offload,  # type: ignore[arg-type]

@@ -9,12 +9,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ORDERS = ("bottom2up", "top2down", "random", "importance")
+ORDERS = ("bottom2up", "top2down", "random")
 OFFLOADS = ("none", "host", "disk")
 PRECISIONS = ("fp32", "bf16", "fp16")
 GROUP_BY = ("count", "size")
 
-Order = Literal["bottom2up", "top2down", "random", "importance"]
+Order = Literal["bottom2up", "top2down", "random"]
 Offload = Literal["none", "host", "disk"]
 Precision = Literal["fp32", "bf16", "fp16"]
 GroupBy = Literal["count", "size"]
@@ -43,12 +43,8 @@ class HiFTConfig:
             block; no split when there are no blocks, as with a ``units`` override); ``None`` turns
             splitting off (the paper's split: a unit is never smaller than a layer).
         order: The order in which groups are trained: ``"bottom2up"`` (embedding first),
-            ``"top2down"`` (head first), ``"random"`` (shuffled once with ``seed``, then fixed) or,
-            experimental, ``"importance"`` (one bottom-up cycle, then each visit drawn by the
-            groups' gradients with a floor; see :mod:`hiftune.engine.schedule.importance`).
-        seed: Seed of the ``"random"`` order and of the ``"importance"`` draws.
-        importance_floor: With ``order="importance"``, the share of the visits spread evenly over
-            the groups, so that each keeps at least ``importance_floor / k`` of them.
+            ``"top2down"`` (head first) or ``"random"`` (shuffled once with ``seed``, then fixed).
+        seed: Seed of the ``"random"`` order.
         units: Optional override of the unit split: a mapping from unit name to the parameter
             names (regular expressions, matched in full against ``model.named_parameters()``
             names) of that unit, in bottom-up order. Every trainable parameter must match exactly
@@ -99,11 +95,7 @@ class HiFTConfig:
         metadata={"help": "Unit size budget in parameters ('auto': the largest block; None: off)."},
     )
     order: Order = field(default="bottom2up", metadata={"help": f"One of {ORDERS}."})
-    seed: int = field(default=0, metadata={"help": "Seed of the random and importance orders."})
-    importance_floor: float = field(
-        default=0.5,
-        metadata={"help": "order='importance': share of the visits spread evenly (0 < f <= 1)."},
-    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random order."})
     units: Mapping[str, Sequence[str]] | None = field(
         default=None, metadata={"help": "Override: unit name -> parameter-name regexes."}
     )
@@ -158,9 +150,6 @@ class HiFTConfig:
         _check_choice("precision", self.precision, PRECISIONS)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        floor = self.importance_floor
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor <= 1:
-            raise ValueError(f"importance_floor must be a number in (0, 1], got {floor!r}")
         if self.units is not None:
             if not isinstance(self.units, Mapping) or not self.units:
                 raise ValueError(

@@ -33,7 +33,6 @@ from .guards import NOT_COPYABLE, DivergedError, Lifecycle, Placement
 from .handover import Handover
 from .rowgrad import row_gradient_owners
 from .schedule.delay import DelayedLR
-from .schedule.importance import mean_square
 from .schedule.rotation import split_groups
 from .shards import GroupTensors, take_grads
 from .split.units import Unit, group_name
@@ -394,9 +393,6 @@ class HiFTOptimizer(torch.optim.Optimizer):
             if overflow:  # the same group tries again with the next batch
                 self._finish_step(None)
                 return loss
-        if self._rotation.sampler is not None:  # order="importance" scores the group it steps
-            grads = (p.grad for g in self._inner[b].param_groups for p in g["params"])
-            self._rotation.sampler.observe(b, mean_square(grads))
         result = None
         if self._sharding is None or self._sharding.owns(b):
             result = self._inner[b].step(closure) if closure is not None else self._inner[b].step()

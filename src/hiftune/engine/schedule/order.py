@@ -13,12 +13,11 @@ def group_order(num_groups: int, order: str, seed: int = 0) -> list[int]:
     ``"bottom2up"`` trains the embedding group first and the head group last; ``"top2down"`` is the
     reverse; ``"random"`` shuffles the groups once with ``seed``. The order is then fixed for the
     whole run: HiFT's queue takes the head, trains it and appends it to the tail, so cycle after
-    cycle repeats the same order. ``"importance"`` starts bottom-up; after the first cycle its
-    queue draws each group (:mod:`.importance`).
+    cycle repeats the same order.
 
     Args:
         num_groups: k, the number of groups (>= 1).
-        order: One of ``"bottom2up"``, ``"top2down"``, ``"random"``, ``"importance"``.
+        order: One of ``"bottom2up"``, ``"top2down"``, ``"random"``.
         seed: Seed for ``"random"`` (a private ``random.Random``, so global RNGs are untouched).
 
     Raises:
@@ -26,7 +25,7 @@ def group_order(num_groups: int, order: str, seed: int = 0) -> list[int]:
     """
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
-    if order in ("bottom2up", "importance"):
+    if order == "bottom2up":
         return list(range(num_groups))
     if order == "top2down":
         return list(reversed(range(num_groups)))

@@ -10,9 +10,6 @@ options change that, both set in :class:`~hiftune.engine.config.HiFTConfig`:
   their own whose state is never paged. A freshly initialised classification head otherwise learns
   one step in k, while every block below it adapts to a head that barely moves.
 
-``order="importance"`` (experimental, :mod:`.importance`) draws each visit's group from the
-groups' gradients after a first bottom-up cycle, instead of repeating a fixed order.
-
 :class:`Rotation` is the queue (order, position, steps within the visit, cycles);
 :func:`always_active_warnings` says when training some parameters at every step is not cheap.
 """
@@ -28,26 +25,21 @@ from typing import Any
 from torch import nn
 
 from ..config import HiFTConfig
-from ..distributed import is_sharded
 from ..split.units import Unit, always_active_names, group_units, split_model, unit_numel
-from .importance import ImportanceSampler
 from .order import group_order
 
 
 @dataclass
 class Rotation:
-    """The queue of groups: a fixed order (or drawn by importance), ``steps_per_group`` steps per
-    visit.
+    """The queue of groups: a fixed order, ``steps_per_group`` steps per visit.
 
     Attributes:
-        order: Bottom-up group ids in training order (with a sampler: bottom-up, the first cycle).
+        order: Bottom-up group ids in training order.
         steps_per_group: K, the steps of one visit.
         position: Index into ``order`` of the active group.
         group_steps: Steps the active group took in its current visit (``0 <= group_steps < K``).
         cycle: Completed cycles (every group visited once).
         steps: Steps taken in all.
-        sampler: With ``order="importance"``, what draws each visit's group after the first
-            cycle (``position`` is then the drawn group's id); ``None`` for a fixed order.
     """
 
     order: list[int]
@@ -56,7 +48,6 @@ class Rotation:
     group_steps: int = 0
     cycle: int = 0
     steps: int = 0
-    sampler: ImportanceSampler | None = None
 
     @property
     def active(self) -> int:
@@ -75,13 +66,6 @@ class Rotation:
         if self.group_steps < self.steps_per_group:
             return False
         self.group_steps = 0
-        if self.sampler is not None:
-            # visits == steps // K: a resumed run counts (and so draws) as the uninterrupted one.
-            visits = self.steps // self.steps_per_group
-            k = len(self.order)
-            self.position = visits if visits < k else self.sampler.choose(visits)
-            self.cycle = visits // k
-            return True
         self.position = (self.position + 1) % len(self.order)
         if self.position == 0:
             self.cycle += 1
@@ -89,16 +73,13 @@ class Rotation:
 
     def to_meta(self) -> dict[str, Any]:
         """The queue as plain values, for a state dict's ``"hift"`` entry."""
-        meta = {
+        return {
             "order": list(self.order),
             "position": self.position,
             "group_steps": self.group_steps,
             "cycle": self.cycle,
             "steps": self.steps,
         }
-        if self.sampler is not None:
-            meta["importance_scores"] = self.sampler.to_meta()
-        return meta
 
     def load_meta(self, meta: Mapping[str, Any]) -> None:
         """Restores :meth:`to_meta` output (already validated; ``group_steps`` may be absent in a
@@ -108,8 +89,6 @@ class Rotation:
         self.group_steps = int(meta.get("group_steps", 0))
         self.cycle = int(meta["cycle"])
         self.steps = int(meta["steps"])
-        if self.sampler is not None:
-            self.sampler.load_meta(meta.get("importance_scores"))
 
 
 @dataclass(frozen=True)
@@ -133,12 +112,8 @@ class Split:
 
     def rotation(self, config: HiFTConfig) -> Rotation:
         """A fresh queue over the rotating groups in ``config``'s order."""
-        k = len(self.groups)
-        order = group_order(k, config.order, config.seed)
-        sampler = None
-        if config.order == "importance":
-            sampler = ImportanceSampler(k, config.seed, config.importance_floor)
-        return Rotation(order, config.steps_per_group, sampler=sampler)
+        order = group_order(len(self.groups), config.order, config.seed)
+        return Rotation(order, config.steps_per_group)
 
 
 def split_groups(model: nn.Module, config: HiFTConfig) -> Split:
@@ -147,14 +122,8 @@ def split_groups(model: nn.Module, config: HiFTConfig) -> Split:
 
     Raises:
         ValueError: As :func:`~hiftune.engine.split.units.split_model` and
-            :func:`~hiftune.engine.split.units.group_units`; for ``order="importance"`` on an
-            FSDP2 model (its gradients are shards: each rank would score, and draw, alone).
+            :func:`~hiftune.engine.split.units.group_units`.
     """
-    if config.order == "importance" and any(is_sharded(p) for p in model.parameters()):
-        raise ValueError(
-            "order='importance' does not support FSDP2 (sharded) models yet; use bottom2up, "
-            "top2down or random"
-        )
     units, always = split_model(model, config)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     sizes = [unit_numel(u, shapes) for u in units]

@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-from ..schedule.importance import check_scores
-
 #: The format of ``HiFTOptimizer.state_dict()``; bumped only when old dicts can no longer load.
 STATE_DICT_VERSION = 1
 
@@ -137,9 +135,6 @@ def validate_state_dict(state_dict: object, layout: Layout) -> Mapping[str, Any]
     for key in ("cycle", "steps"):
         if not _is_count(meta[key]):
             raise _fail(f"its {key} count {meta[key]!r} is not a non-negative integer")
-    problem = check_scores(meta, k)
-    if problem is not None:
-        raise _fail(problem)
     groups = state_dict["groups"]
     if not isinstance(groups, Sequence) or len(groups) != len(layout.names):
         raise _fail(
