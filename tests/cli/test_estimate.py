@@ -9,6 +9,7 @@ import pytest
 
 from hiftune.cli import main
 from hiftune.memory.distributed import estimate_per_rank
+from hiftune.recipes.schedule import FALLBACK_UNITS_PER_GROUP
 
 
 @pytest.mark.parametrize("mode", ["dp", "sharded", "fsdp2"])
@@ -16,7 +17,13 @@ def test_per_rank_rows_are_the_busiest_rank_of_the_estimator(mode, capsys):
     argv = ["estimate", "smollm2-135m", "--optimizer", "adamw", "--precision", "fp32"]
     assert main([*argv, "--processes", "2", "--mode", mode, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    ranks = estimate_per_rank("smollm2-135m", processes=2, mode=mode, optimizer="adamw")
+    ranks = estimate_per_rank(
+        "smollm2-135m",
+        processes=2,
+        mode=mode,
+        optimizer="adamw",
+        units_per_group=FALLBACK_UNITS_PER_GROUP,  # auto without a step count, as train
+    )
     busiest = max(ranks, key=lambda r: r.total_mib)
     assert out["per_rank"] == [json.loads(json.dumps(dataclasses.asdict(busiest)))]
     assert {r["method"] for r in out["rows"]} == {"fpft", "hift"}

@@ -16,6 +16,7 @@ def test_a_speech_seq2seq_model_lists_encoder_then_decoder_blocks(tmp_path, caps
 
     tiny_head_config("speech-seq2seq").save_pretrained(tmp_path)
     argv = ["inspect", str(tmp_path), "--task", "speech-seq2seq", "--max-unit-params", "none"]
+    argv += ["-m", "1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{tmp_path} (WhisperForConditionalGeneration, speech-seq2seq): ")

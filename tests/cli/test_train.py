@@ -45,9 +45,10 @@ def test_schedule_defaults_are_the_recipes(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         parse_args(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--units-per-group UNITS_PER_GROUP m, units trained together; auto: the smallest m" in (
-        text
-    )
+    assert (
+        "--units-per-group UNITS_PER_GROUP, -m UNITS_PER_GROUP m, units trained together; auto: "
+        "the smallest m"
+    ) in text
     assert "(default auto)" in text and "factor on their learning rate (default 3)" in text
     assert "--steps-per-group STEPS_PER_GROUP K," in text
 

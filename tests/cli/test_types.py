@@ -6,13 +6,7 @@ import argparse
 
 import pytest
 
-from hiftune.cli.types import (
-    add_split_arguments,
-    positive_float,
-    split_config,
-    unit_budget,
-    units_per_group,
-)
+from hiftune.cli.types import positive_float, unit_budget, units_per_group
 
 
 @pytest.mark.parametrize(
@@ -27,21 +21,6 @@ def test_unit_budget_parses(text: str, expected: object) -> None:
 def test_unit_budget_rejects(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         unit_budget(text)
-
-
-def test_split_options_become_the_engine_config() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--units-per-group", type=int, default=1)
-    add_split_arguments(parser)
-    default = split_config(parser.parse_args([]))
-    assert (default.max_unit_params, default.group_by, default.units_per_group) == (
-        "auto",
-        "count",
-        1,
-    )
-    args = parser.parse_args(["--max-unit-params", "none", "--group-by", "size"])
-    config = split_config(args)
-    assert (config.max_unit_params, config.group_by) == (None, "size")
 
 
 def test_units_per_group_and_positive_float() -> None:

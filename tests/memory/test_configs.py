@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hiftune.memory.configs import CONFIGS, build_model, resolve_config
+from hiftune.memory.configs import CONFIGS, build_model, new_head_parameters, resolve_config
 
 # Total parameters in billions, as published (Qwen2.5-7B's model card: 7.61B; the Gemma 2 report:
 # 2.61B for the 2B model; Llama 2 paper / Llama 3.1 card figures as commonly quoted: 6.74B, 8.03B).
@@ -93,3 +93,25 @@ def test_a_head_the_architecture_lacks_is_one_clear_line(head, family, message):
     with pytest.raises(UserError) as e:
         build_model(config, head, device="meta")
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "new"),
+    [
+        ("smollm2-135m", "causal-lm", []),  # the LM head comes with the checkpoint (tied here)
+        ("smollm2-135m", "prompt-cls", []),
+        ("smollm2-135m", "seq-cls", ["score.weight"]),
+        ("roberta-base", "seq-cls", [f"classifier.{p}.{t}" for p in ("dense", "out_proj")
+                                      for t in ("weight", "bias")]),
+    ],
+)  # fmt: skip
+def test_new_head_parameters_are_a_class_head_outside_the_base_model(
+    name: str, task: str, new: list[str]
+) -> None:
+    model = build_model(resolve_config(name), task=task, device="meta")
+    assert new_head_parameters(model, task) == new
+
+
+def test_a_path_that_is_not_a_hub_id_is_not_tried_on_the_hub() -> None:
+    with pytest.raises(ValueError, match=r"neither a preset .* holding one$"):
+        resolve_config("no/such/config.json")

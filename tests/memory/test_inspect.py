@@ -267,7 +267,8 @@ def test_cli_json_parses(tmp_path, capsys):
 
 
 def test_cli_table(tmp_path, capsys):
-    assert main(["inspect", _llama(tmp_path), "--task", "seq-cls", "--no-grad-check"]) == 0
+    argv = ["inspect", _llama(tmp_path), "--task", "seq-cls", "--no-grad-check", "-m", "1"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "LlamaForSequenceClassification" in out
     assert "| 2 | layers.0 | layers.0 | model.layers.0 |" in out

@@ -5,19 +5,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 from ..engine.config import PRECISIONS
 from ..engine.optimizers import OPTIMIZERS
 from ..memory.distributed import DISTRIBUTED_MODES, RankEstimate, estimate_per_rank
 from ..memory.estimate import DEFAULT_PRECISIONS, HIFT_MIXED, build_meta_model, estimate, render
 from ..memory.render import markdown_table
-from .types import (
+from .options import (
+    MemorySchedule,
     add_model_arguments,
+    add_schedule_arguments,
     add_split_arguments,
-    comma_list,
-    positive_int,
+    memory_schedule,
+    model_config,
     split_config,
 )
+from .types import comma_list, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="classes of the seq-cls or image-cls head (default 2)",
     )
-    parser.add_argument(
-        "--units-per-group", "-m", type=int, default=1, help="m, units per HiFT group (default 1)"
-    )
+    add_schedule_arguments(parser, defaults=True)
     add_split_arguments(parser)
     parser.add_argument(
         "--optimizer",
@@ -85,22 +87,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``hiftune estimate``: prints a table (or JSON) to stdout."""
-    model = build_meta_model(args.model, args.task, args.num_labels)
+    model = build_meta_model(model_config(args), args.task, args.num_labels)
+    schedule = memory_schedule(model, args)
     rows = estimate(
         model,
-        units_per_group=args.units_per_group,
+        units_per_group=schedule.units_per_group,
         optimizers=args.optimizer,
         precisions=args.precision,
         hift_mixed=args.hift_mixed,
-        config=split_config(args),
+        config=split_config(args, schedule),
         task=args.task,
         num_labels=args.num_labels,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
     )
     combos = sorted({(r.optimizer, r.precision) for r in rows})
-    per_rank = _per_rank(model, args, combos)
+    per_rank = _per_rank(model, args, combos, schedule)
     if args.json:
+        for note in schedule.notes:  # stdout stays one JSON document
+            print(f"note: {note}", file=sys.stderr)
         if per_rank is None:
             print(json.dumps([r.to_dict() for r in rows], indent=2))
         else:
@@ -115,11 +120,13 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         task=args.task,
         params=params,
-        units_per_group=args.units_per_group,
+        units_per_group=schedule.units_per_group,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
     )
     print(text, end="")
+    for note in schedule.notes:
+        print(f"Note: {note}")
     if per_rank is not None:
         half_left_out = args.mode == "sharded" and any(p != "fp32" for _, p in combos)
         print(_render_per_rank(per_rank, args.processes, args.mode, half_left_out), end="")
@@ -127,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _per_rank(
-    model: object, args: argparse.Namespace, combos: list[tuple[str, str]]
+    model: object,
+    args: argparse.Namespace,
+    combos: list[tuple[str, str]],
+    schedule: MemorySchedule,
 ) -> list[RankEstimate] | None:
     """The busiest rank per optimizer and precision, or ``None`` without ``--processes``."""
     if args.processes is None:
@@ -142,8 +152,8 @@ def _per_rank(
             mode=args.mode,
             optimizer=optimizer,
             precision=precision,
-            units_per_group=args.units_per_group,
-            config=split_config(args),
+            units_per_group=schedule.units_per_group,
+            config=split_config(args, schedule),
         )
         out.append(max(ranks, key=lambda r: r.total_mib))
     return out

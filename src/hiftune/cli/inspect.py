@@ -10,7 +10,15 @@ from ..memory.configs import head_of
 from ..memory.estimate import build_meta_model
 from ..memory.inspect import Inspection, inspect_split
 from ..memory.render import markdown_table
-from .types import add_model_arguments, add_split_arguments, positive_int, split_config
+from .options import (
+    add_model_arguments,
+    add_schedule_arguments,
+    add_split_arguments,
+    memory_schedule,
+    model_config,
+    split_config,
+)
+from .types import positive_int
 
 MiB = 2**20
 
@@ -24,13 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2,
         help="classes of the seq-cls or image-cls head (default 2)",
     )
-    parser.add_argument(
-        "--units-per-group",
-        "-m",
-        type=positive_int,
-        default=1,
-        help="m, units per HiFT group (default 1)",
-    )
+    add_schedule_arguments(parser, defaults=True)
     add_split_arguments(parser)
     parser.add_argument(
         "--order", choices=ORDERS, default="bottom2up", help="training order (default bottom2up)"
@@ -53,22 +55,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``hiftune inspect``: prints the split (or JSON) to stdout."""
-    model = build_meta_model(args.model, args.task, args.num_labels)
+    model = build_meta_model(model_config(args), args.task, args.num_labels)
+    schedule = memory_schedule(model, args)
     result = inspect_split(
         model,
         name=args.model,
-        units_per_group=args.units_per_group,
+        units_per_group=schedule.units_per_group,
         order=args.order,
         seed=args.seed,
         precision=args.precision,
-        config=split_config(args),
+        config=split_config(args, schedule),
         head=head_of(args.task),
         check_gradients=args.check_gradients,
     )
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), "schedule": schedule.to_dict()}, indent=2))
     else:
-        print(render(result, task=args.task, cls=type(model).__name__), end="")
+        text = render(result, task=args.task, cls=type(model).__name__)
+        print(text + "".join(f"Note: {n}\n" for n in schedule.notes), end="")
     return 0
 
 

@@ -21,7 +21,8 @@ from ..memory.profile import (
     profile,
 )
 from ..memory.profile_report import render_table, write_outputs
-from .types import add_split_arguments, comma_list, positive_int
+from .options import add_split_arguments
+from .types import comma_list, positive_int
 
 logger = logging.getLogger(__name__)
 

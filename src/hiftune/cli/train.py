@@ -24,13 +24,13 @@ from ..recipes.config import (
 )
 from ..recipes.models import DTYPES, PRESETS, TASKS
 from ..recipes.report import format_metrics
-from ..recipes.schedule import FALLBACK_UNITS_PER_GROUP, MIN_UPDATES
+from .options import add_hub_arguments, add_schedule_arguments
 from .training_args import (
     add_training_arguments,
     could_be_training_option,
     describe_training_arguments,
 )
-from .types import positive_float, positive_int, unit_budget, units_per_group
+from .types import positive_float, unit_budget
 
 #: Exit code of a run stopped by Ctrl-C after saving a checkpoint (128 + SIGINT); SIGTERM gives
 #: 143 and SIGHUP 129, the codes a scheduler expects of a job its signal ended.
@@ -66,13 +66,7 @@ def _add_model_data_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"preset [{presets}], a local HF model directory, or a Hugging Face Hub id "
         f"(from the cache under HF_HOME; downloaded unless HF_HUB_OFFLINE=1) (default {d.model})",
     )
-    g.add_argument("--revision", default=S, help="Hub model revision: branch, tag or commit")
-    g.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        default=S,
-        help="let a Hub model run its own modelling code",
-    )
+    add_hub_arguments(g, defaults=False)
     g.add_argument(
         "--dtype",
         choices=tuple(DTYPES),
@@ -208,28 +202,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=int, default=S, help=f"(default {d.seed})")
     g = parser.add_argument_group("HiFT")
-    g.add_argument(
-        "--units-per-group",
-        type=units_per_group,
-        default=S,
-        help=f"m, units trained together; auto: the smallest m from {FALLBACK_UNITS_PER_GROUP} up "
-        f"whose groups each get {MIN_UPDATES} updates in the run's steps "
-        f"(default {d.units_per_group})",
-    )
-    g.add_argument(
-        "--steps-per-group",
-        type=positive_int,
-        default=S,
-        help="K, optimizer steps each group takes before the next one; a cycle is k x K steps "
-        f"(default {d.steps_per_group})",
-    )
-    g.add_argument(
-        "--always-active",
-        default=S,
-        help="parameters trained at every step beside the groups: auto = those the checkpoint "
-        "did not have (a new classification head) if small and untied; none; or "
-        f"comma-separated regexes of parameter names, matched in full (default {d.always_active})",
-    )
+    add_schedule_arguments(g, defaults=False)
     g.add_argument(
         "--always-active-lr-scale",
         type=positive_float,

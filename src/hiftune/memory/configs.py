@@ -188,29 +188,79 @@ def head_of(task: str) -> str:
     return TASK_HEADS[task]
 
 
-def resolve_config(model: str) -> Any:
-    """A ``transformers`` config from a preset name, a ``config.json`` file, or a model directory.
+def resolve_config(model: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """A ``transformers`` config from a preset, a ``config.json`` file or directory, or a Hub id.
+
+    A Hub id's ``config.json`` is read as ``hiftune train`` reads it (``AutoConfig`` with the same
+    revision and remote-code choice): from the cache under ``HF_HOME``, downloaded unless
+    ``HF_HUB_OFFLINE=1``. No weights are read.
+
+    Args:
+        model: A preset of :data:`CONFIGS`, a path, or a Hugging Face Hub id (``org/name``).
+        revision: The Hub revision (branch, tag or commit; Hub ids only).
+        trust_remote_code: Let a Hub model's own configuration code run.
 
     Raises:
-        UserError: If ``model`` is neither a preset nor a readable config file or directory.
+        UserError: If ``model`` is neither a preset, a readable config file or directory, nor a
+            Hub id whose config can be read (unknown, or not cached and no network).
     """
     from transformers import AutoConfig
 
     if model in CONFIGS:
         kwargs = dict(CONFIGS[model])
         return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    path = Path(model)
+    path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise UserError(
-            f"{model!r} is neither a preset ({', '.join(CONFIGS)}) nor a config.json file or a "
-            "directory holding one"
-        )
+    what = (
+        f"{model!r} is neither a preset ({', '.join(CONFIGS)}) nor a config.json file or a "
+        "directory holding one"
+    )
+    if path.is_file():
+        try:
+            return AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot read a Hugging Face config from {path}: {e}") from None
+    if path.exists() or not _is_hub_id(model):
+        raise UserError(what)
     try:
-        return AutoConfig.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read a Hugging Face config from {path}: {e}") from None
+        return AutoConfig.from_pretrained(
+            model, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as e:  # unknown, not cached and offline, bad revision
+        raise UserError(f"{what}; tried the Hugging Face Hub: {first_line(e)}") from None
+
+
+def _is_hub_id(model: str) -> bool:
+    """Whether ``model`` has the form of a Hub repository id (``name`` or ``org/name``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return False
+    return True
+
+
+def new_head_parameters(model: nn.Module, task: str) -> list[str]:
+    """The parameters a pretrained checkpoint of ``model``'s architecture would not hold.
+
+    A classification head (``seq-cls``, ``image-cls``: what the base model computes is mapped to
+    classes by parameters outside it) is initialised afresh when a language or vision checkpoint
+    is fine-tuned; the other heads come with the checkpoint. This is what ``hiftune train``'s
+    ``--always-active auto`` finds as the loader's missing keys, for a model built from a config.
+
+    Args:
+        model: A ``transformers`` model, e.g. from :func:`build_model`.
+        task: A key of :data:`TASK_HEADS`.
+    """
+    if HEADS[head_of(task)].labels != "class":
+        return []
+    base = getattr(model, str(getattr(model, "base_model_prefix", "")), None)
+    if not isinstance(base, nn.Module) or base is model:
+        return []
+    inside = {id(p) for p in base.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) not in inside]
 
 
 def build_model(
