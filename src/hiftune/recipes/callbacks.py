@@ -1,7 +1,8 @@
-"""What the recipe adds around ``Trainer.train``: a progress bar, a per-step log, interrupts.
+"""What the recipe adds around ``Trainer.train``: progress bars, a per-step log, interrupts.
 
-:class:`Progress` is a ``TrainerCallback``: a tqdm bar (loss, active group, memory), one record per
-optimizer step (group, peak memory, time, loss, learning rate), the run's config and a checksum
+:class:`Progress` is a ``TrainerCallback``: a tqdm bar (loss, active group, memory), a bar for
+every evaluation (the zero-shot one before training too, which is minutes of work on the default
+model), one record per optimizer step (group, peak memory, time, loss, learning rate), the run's config and a checksum
 manifest in every checkpoint, and the stop that :class:`Interrupt` asks for. :class:`Interrupt`
 turns the first Ctrl-C, SIGTERM or SIGHUP (how schedulers preempt a job, and a closed terminal)
 into "checkpoint after this step and stop", the second into an immediate abort.
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
+from transformers.trainer_utils import has_length
 
 from ..integrations.transformers import unwrap_hift
 from ..memory.measure import PeakMemory, peak_memory_mib
@@ -100,7 +102,11 @@ class StopIfFinished(TrainerCallback):
 
 
 class Progress(TrainerCallback):
-    """Progress bar, per-step log, interrupts and the run config in every checkpoint.
+    """Progress bars, per-step log, interrupts and the run config in every checkpoint.
+
+    Evaluation gets a bar of its own (batches done of the evaluation set), as the Trainer's
+    ``ProgressCallback`` draws it, which the recipe's arguments turn off (``disable_tqdm``) along
+    with its training bar. During training it is drawn below the training bar and removed when done.
 
     Args:
         meta: The run file's content (config and identity), written into every checkpoint so
@@ -117,6 +123,7 @@ class Progress(TrainerCallback):
         self.interrupt = interrupt
         self.steps: list[dict[str, Any]] = []
         self._bar: Any = None
+        self._eval_bar: Any = None
         self._meter: PeakMemory | None = None
         self._device: Any = "cpu"
         self._peak = 0.0
@@ -183,6 +190,25 @@ class Progress(TrainerCallback):
                 loss=f"{logs['loss']:.4f}", group=self._group, mem=f"{last['memory_mib']:.0f}MiB"
             )
 
+    def on_prediction_step(
+        self, args: Any, state: Any, control: Any, eval_dataloader: Any = None, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero or not has_length(eval_dataloader):
+            return
+        if self._eval_bar is None:
+            self._eval_bar = tqdm(
+                total=len(eval_dataloader), desc="eval", unit="batch", leave=self._bar is None
+            )
+        self._eval_bar.update(1)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._close_eval_bar()
+
+    def on_predict(
+        self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any
+    ) -> None:
+        self._close_eval_bar()
+
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # Every checkpoint carries the run's config, so resuming can check it belongs to this run,
         # and, written last, the checksums of its files, so resuming can tell it is whole.
@@ -206,7 +232,13 @@ class Progress(TrainerCallback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        self._close_eval_bar()
         if self._meter is not None:
             self._meter.close()
         for s in self.steps:
             s.setdefault("loss", float("nan"))
+
+    def _close_eval_bar(self) -> None:
+        if self._eval_bar is not None:
+            self._eval_bar.close()
+            self._eval_bar = None
