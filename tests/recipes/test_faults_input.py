@@ -105,9 +105,31 @@ def test_diverging_learning_rate_keeps_only_finite_checkpoints(runs: Runs) -> No
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_learning_rate_that_kills_the_model_is_reported_not_saved(
+    runs: Runs, precision: str
+) -> None:
+    # --lr 1e6 saturates the model after a step: the same loss at every step, no gradient at all.
+    # It exited 0 and saved the dead model as the result.
+    out = runs.out
+    code, _, err = runs("--max-steps", "12", "--lr", "1e6", "--precision", precision)
+    one_line_error(
+        code, err, "training diverged: the gradient norm has been exactly 0", "--lr 1e+06"
+    )
+    assert not (out / "model.safetensors").exists() and not (out / "report.json").exists()
+
+
+def test_fp16_divergence_is_one_line(runs: Runs) -> None:
+    # It was a FloatingPointError traceback from the optimizer's step.
+    code, _, err = runs("--max-steps", "3", "--lr", "1e6", "--precision", "fp16")
+    one_line_error(code, err, "training diverged", "lower the learning rate")
+    assert not (runs.out / "model.safetensors").exists()
+
+
 def test_guard_ignores_the_gradient_norm_of_an_fp16_overflow_step() -> None:
-    class Hift(HiFTOptimizer):  # only what the guard reads: the skipped-step count
+    class Hift(HiFTOptimizer):  # only what the guard reads: the skipped steps, the cycle
         skipped_steps = 0
+        steps_per_cycle = 1
 
         def __init__(self) -> None:
             pass
