@@ -192,3 +192,74 @@ def _pickled(model: nn.Module) -> nn.Module:
     torch.save(model, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_row_gradients_under_autocast_equal_nn_linear(device):
+    # Under autocast nn.Linear's backward multiplies in bf16; the row-gradient backward used to
+    # run outside autocast and computed the input's gradient in fp32 (not what autocast trains).
+    torch.manual_seed(0)
+    module = nn.Linear(64, 48).to(device)
+    x = torch.randn(4, 16, 64, device=device)
+    grad = torch.randn(4, 16, 48, device=device).bfloat16()
+    got, want = {}, {}
+    for grads, rows in ((want, False), (got, True)):
+        m = copy.deepcopy(module)
+        shards = _shards(m.weight) if rows else []
+        row_gradients = RowGradients(row_gradient_owners(m), shards)
+        row_gradients.install()
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = m(xx)
+        assert out.dtype == torch.bfloat16
+        out.backward(grad)
+        row_gradients.remove()
+        grads["input"], grads["bias"] = xx.grad, m.bias.grad
+        for a, b in SPANS:
+            grads[f"rows{a}"] = (
+                m.weight.grad[a:b]
+                if not rows
+                else next(s.param.grad for s in shards if s.start == a)
+            )
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_embedding_row_gradients_sum_half_precision_rows_in_fp32(device):
+    # A token seen 4096 times: summed in bf16 its gradient would stop growing at 256 (index_add_ on
+    # CUDA adds in the tensor's dtype). PyTorch's embedding backward sums in fp32 and rounds once.
+    torch.manual_seed(0)
+    module = nn.Embedding(12, 8, padding_idx=6).to(device, torch.bfloat16)
+    ids = torch.cat([torch.full((4096,), 2), torch.randint(0, 12, (512,))]).to(device)
+    grad = torch.rand(ids.shape[0], 8, device=device).bfloat16()
+    weight = module.weight.detach().float().requires_grad_(True)
+    F.embedding(ids, weight, padding_idx=6).backward(grad.float())
+    want = weight.grad.bfloat16()
+    module.weight.requires_grad_(True)
+    shards = _shards(module.weight)
+    row_gradients = RowGradients(row_gradient_owners(module), shards)
+    row_gradients.install()
+    module(ids).backward(grad)
+    row_gradients.remove()
+    assert want[2, 0] > 1000
+    for s in shards:
+        assert s.param.grad.dtype == torch.bfloat16
+        # fp32 sums in another order round to the same bf16 value, or one unit apart
+        torch.testing.assert_close(s.param.grad, want[s.start : s.stop], rtol=2**-7, atol=0)
+
+
+def test_embedding_row_gradients_never_read_the_device():
+    # Boolean indexing sizes its result by the data: on CUDA a host sync inside backward. On the
+    # meta device, which holds no data, any such read fails: the backward must still run.
+    module = nn.Embedding(12, 4, padding_idx=6, device="meta")
+    ids = torch.empty(2, 6, dtype=torch.long, device="meta")
+    shards = _shards(module.weight)
+    row_gradients = RowGradients(row_gradient_owners(module), shards)
+    row_gradients.install()
+    module(ids).sum().backward()
+    row_gradients.remove()
+    assert [s.param.grad.shape for s in shards] == [(b - a, 4) for a, b in SPANS]

@@ -25,6 +25,7 @@ weights, not this optimizer's shards.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -189,7 +190,13 @@ def _params(shards: Sequence[RowShard]) -> list[torch.Tensor]:
 
 class _RowLinear(torch.autograd.Function):
     """``F.linear(x, weight, bias)``; backward: the input's and bias's gradients, and for each
-    span the gradient of those rows of ``weight`` only, to the matching shard parameter."""
+    span the gradient of those rows of ``weight`` only, to the matching shard parameter.
+
+    Under autocast the backward runs under the forward's autocast state, as
+    ``torch.amp.custom_bwd`` would arrange (the decorator is bound to one device type; this
+    function runs on whichever device its input is on): so the LM head's backward multiplies in
+    bf16 or fp16 like ``nn.Linear``'s, not in the fp32 of the weight.
+    """
 
     @staticmethod
     def forward(
@@ -203,23 +210,41 @@ class _RowLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.spans = spans
         ctx.dtypes = [s.dtype for s in shards]
+        ctx.device_type = x.device.type
+        ctx.autocast = _autocast_dtype(x.device.type)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad.to(weight.dtype) @ weight).to(x.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        rows = grad.reshape(-1, grad.shape[-1])
-        inputs = x.reshape(-1, x.shape[-1]).to(grad.dtype)
-        grads = [
-            (rows[:, a:b].t() @ inputs).to(dtype)
-            for (a, b), dtype in zip(ctx.spans, ctx.dtypes, strict=True)
-        ]
+        autocast = (
+            torch.autocast(ctx.device_type, dtype=ctx.autocast)
+            if ctx.autocast is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            grad_x = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad.to(weight.dtype) @ weight).to(x.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+            rows = grad.reshape(-1, grad.shape[-1])
+            inputs = x.reshape(-1, x.shape[-1]).to(grad.dtype)
+            grads = [
+                (rows[:, a:b].t() @ inputs).to(dtype)
+                for (a, b), dtype in zip(ctx.spans, ctx.dtypes, strict=True)
+            ]
         return grad_x, None, grad_bias, None, *grads
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in effect on ``device_type``; ``None``: off (or none there: ``meta``)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know
+        pass
+    return None
 
 
 class _RowEmbedding(torch.autograd.Function):
@@ -245,13 +270,21 @@ class _RowEmbedding(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (ids,) = ctx.saved_tensors
         ids = ids.reshape(-1)
+        # Half-precision rows are summed in fp32 and rounded once, as PyTorch's own embedding
+        # backward does: index_add_ on CUDA adds in the tensor's dtype, where the sum of a frequent
+        # token's rows stops growing (in bf16, 256 + 1 == 256).
         rows = grad.reshape(-1, grad.shape[-1])
-        if ctx.padding_idx is not None:
-            keep = ids != ctx.padding_idx
-            ids, rows = ids[keep], rows[keep]
+        if rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.float()
         grads = []
         for (a, b), dtype in zip(ctx.spans, ctx.dtypes, strict=True):
-            hit = (ids >= a) & (ids < b)
-            out = rows.new_zeros(b - a, rows.shape[-1])
-            grads.append(out.index_add_(0, ids[hit] - a, rows[hit]).to(dtype))
+            # Ids outside the span, and the padding id, add into a spare last row, dropped after:
+            # boolean indexing would size its result by the data and so wait for the device.
+            index = ids - a
+            outside = (index < 0) | (index >= b - a)
+            if ctx.padding_idx is not None:
+                outside |= ids == ctx.padding_idx
+            out = rows.new_zeros(b - a + 1, rows.shape[-1])
+            out.index_add_(0, index.masked_fill_(outside, b - a), rows)
+            grads.append(out[: b - a].to(dtype))
         return None, None, None, None, *grads
