@@ -219,11 +219,8 @@ def test_linear_row_gradients_under_autocast_equal_nn_linear(device):
         row_gradients.remove()
         grads["input"], grads["bias"] = xx.grad, m.bias.grad
         for a, b in SPANS:
-            grads[f"rows{a}"] = (
-                m.weight.grad[a:b]
-                if not rows
-                else next(s.param.grad for s in shards if s.start == a)
-            )
+            shard = next((s for s in shards if s.start == a), None)
+            grads[f"rows{a}"] = m.weight.grad[a:b] if shard is None else shard.param.grad
     for k, v in want.items():
         assert torch.equal(got[k], v), k
 
