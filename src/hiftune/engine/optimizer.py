@@ -11,8 +11,9 @@ or patched. Each :meth:`HiFTOptimizer.step` then
 Freezing everything but the active group is what truncates backward (see :mod:`.truncation`).
 The delayed scheduler lives in :mod:`.schedule.delay`, the one-optimizer-per-model bookkeeping in
 :mod:`.claims`, the gradient all-reduce in :mod:`.distributed`, the paging in :mod:`.state.paging`, the
-row shards of a split parameter in :mod:`.shards`, and taking the model over and handing it back
-(masters, casts, trainability) in :mod:`.handover`.
+row shards of a split parameter in :mod:`.shards`, taking the model over and handing it back
+(masters, casts, trainability) in :mod:`.handover`, the state dict in :mod:`.checkpoint`, and what
+makes the optimizer refuse to go on (closed, diverged, the model changed under it) in :mod:`.guards`.
 """
 
 from __future__ import annotations
