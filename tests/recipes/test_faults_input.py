@@ -300,7 +300,7 @@ def test_an_empty_label_is_an_error_not_a_class(tmp_path: Path, empty: object) -
     path = tmp_path / "d.jsonl"
     rows = [{"t": "a film", "y": 1}, {"t": "a movie", "y": empty}, {"t": "the plot", "y": 0}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(D.DataError, match=r"record 2 .* empty 'y'"):
+    with pytest.raises(D.DataError, match=r"a record with an empty 'y' \(--label-field\)"):
         D.select_fields(D.read_records(path), {"text": "t", "label": "y"}, str(path))
     with pytest.raises(D.DataError, match="record 2 has an empty label"):
         D.encode_labels([{"label": 1}, {"label": " "}, {"label": 0}])

@@ -145,30 +145,66 @@ def select_fields(
 ) -> list[dict[str, Any]]:
     """Keeps ``fields`` (our name -> the file's field name) of each record, checking they exist.
 
+    Messages name a field as the user does: the file's name and its option (``'review'
+    (--text-field)``), never ours.
+
     Raises:
         DataError: If a field is missing from the records (naming the fields that exist) or a
-            value is empty.
+            value is empty (showing the record, whose position in a sampled or held-out split
+            would not point into the file).
     """
     available = list(records[0].keys()) if records else []
     for ours, theirs in fields.items():
-        missing = [i for i, r in enumerate(records) if theirs not in r]
+        missing = [r for r in records if theirs not in r]
         if missing:
-            where = "" if len(missing) == len(records) else f" (record {missing[0] + 1})"
+            where = "" if len(missing) == len(records) else f" (e.g. {_shown(missing[0])})"
             raise DataError(
                 f"field {theirs!r} (--{ours}-field) is not in {source}{where}; "
                 f"its fields are: {', '.join(map(str, available))}"
             )
     out = []
-    for i, r in enumerate(records):
+    for r in records:
         row = {}
         for ours, theirs in fields.items():
             value = r[theirs]
             # An empty label too: it would otherwise become a class of its own.
             if value is None or (isinstance(value, str) and not value.strip()):
-                raise DataError(f"record {i + 1} of {source} has an empty {theirs!r}")
+                raise DataError(
+                    f"{source} has a record with an empty {theirs!r} (--{ours}-field): {_shown(r)}"
+                )
             row[ours] = value
         out.append(row)
     return out
+
+
+def _shown(record: Mapping[str, Any], limit: int = 120) -> str:
+    """A record in one line, cut to ``limit`` characters."""
+    text = " ".join(repr(dict(record)).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def sft_hint(columns: Sequence[str], sft_fields: Mapping[str, str]) -> str:
+    """``"; ... use --task sft"`` if data with ``columns`` is in one of ``sft``'s formats.
+
+    For the message of a classification task that misses its fields: chat messages, ShareGPT,
+    Alpaca or prompt/completion data is what ``--task sft`` reads (plain text is not suggested:
+    a text field is what classification lacks a label for, not a sign of another task).
+
+    Args:
+        columns: The data's field names.
+        sft_fields: The ``sft`` field options, as :func:`hiftune.recipes.chat.detect_format`
+            takes them.
+    """
+    from .chat import detect_format
+
+    try:
+        fmt, _ = detect_format(columns, sft_fields)
+    except DataError:
+        return ""
+    if fmt == "text":
+        return ""
+    what = {"messages": "chat", "prompt-completion": "prompt/completion"}.get(fmt, fmt)
+    return f"; this looks like {what} data: use --task sft"
 
 
 def encode_labels(
