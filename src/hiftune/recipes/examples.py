@@ -90,9 +90,10 @@ def load_examples(cfg: TrainRecipeConfig, verbose: bool = False) -> Examples:
                 option = "response"  # the pair's answer came from --response-field
             # ShareGPT's and Alpaca's fields have fixed names, no option.
             flag = "" if fmt in ("sharegpt", "alpaca") else f" (--{option}-field)"
+            hint = D.sft_hint(ds.column_names, sft_fields) if fmt is None else ""
             raise D.DataError(
                 f"field {missing[0]!r}{flag} is not in {where}; "
-                f"its fields are: {', '.join(ds.column_names)}"
+                f"its fields are: {', '.join(ds.column_names)}{hint}"
             )
         if role == "train":
             ds = ds.select(D.sample_indices(len(ds), n_train, cfg.seed))
@@ -103,8 +104,7 @@ def load_examples(cfg: TrainRecipeConfig, verbose: bool = False) -> Examples:
             out[role] = chat.normalize_rows(rows, fmt, where, fields)
         else:
             rows = ds.select_columns(list(dict.fromkeys(fields.values()))).to_list()
-            renamed = [{ours: r[theirs] for ours, theirs in fields.items()} for r in rows]
-            out[role] = D.select_fields(renamed, {k: k for k in fields}, where)
+            out[role] = D.select_fields(rows, fields, where)
     classes: list[str] | None = None
     if cfg.task != "sft":  # one class list over every split, so that the ids agree
         _, classes = D.encode_labels([r for rows in out.values() for r in rows])
