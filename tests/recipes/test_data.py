@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,47 @@ def test_bundled_sentiment_as_sft_pairs():
     pairs = D.as_sft([{"text": "A dull film.", "label": 0}, {"text": "A joy.", "label": 1}])
     assert [p["completion"] for p in pairs] == ["negative", "positive"]
     assert pairs[0]["prompt"].endswith("\n\nA dull film.") and "{text}" not in pairs[1]["prompt"]
+
+
+def test_an_empty_value_is_named_by_the_user_s_field_and_option() -> None:
+    records = [{"review": "good", "stars": 1}, {"review": " ", "stars": 0}]
+    # The message shows the record: its index in a sampled or held-out split is not a file line.
+    expected = r"^f.csv has a record with an empty 'review' \(--text-field\): \{'review': ' ', "
+    with pytest.raises(D.DataError, match=expected):
+        D.select_fields(records, {"text": "review", "label": "stars"}, "f.csv")
+    assert D.select_fields(records[:1], {"text": "review", "label": "stars"}, "f.csv") == [
+        {"text": "good", "label": 1}
+    ]
+
+
+SFT_FIELDS = {
+    "messages": "messages",
+    "prompt": "prompt",
+    "completion": "completion",
+    "response": "response",
+    "text": "text",
+}
+
+
+@pytest.mark.parametrize(
+    ("columns", "hint"),
+    [
+        (["messages"], "; this looks like chat data: use --task sft"),
+        (["prompt", "completion"], "; this looks like prompt/completion data: use --task sft"),
+        (["text"], ""),  # plain text lacks a label; it is not another task's format
+        (["review", "stars"], ""),
+    ],
+)
+def test_sft_hint(columns: list[str], hint: str) -> None:
+    assert D.sft_hint(columns, SFT_FIELDS) == hint
+
+
+def test_chat_data_without_task_sft_suggests_it(tmp_path: Path) -> None:
+    from hiftune.recipes.config import build_config
+    from hiftune.recipes.examples import load_examples
+
+    path = tmp_path / "chats.jsonl"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path.write_text("".join(json.dumps({"messages": chat}) + "\n" for _ in range(4)))
+    with pytest.raises(D.DataError, match=r"fields are: messages; .* use --task sft$"):
+        load_examples(build_config({"data": [str(path)]}))
