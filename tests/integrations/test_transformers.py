@@ -243,6 +243,16 @@ def test_fp16_trains_like_fp32_through_the_trainer(tmp_path, max_grad_norm):
     assert loss == pytest.approx(ref_loss, rel=0.01)  # the logged loss is not the scaled one
 
 
+def test_the_trainers_fp16_option_is_refused(tmp_path):
+    # The Trainer's GradScaler and HiFT's clipping hook do not mix: the gradients stayed scaled
+    # and every update shrank by the loss scale. Set after construction: TrainingArguments may
+    # refuse fp16 on a machine without CUDA (this one's CPU mixed precision has no scaler).
+    model, args = _model_and_args(tmp_path, max_steps=1)
+    args.fp16 = True
+    with pytest.raises(ValueError, match=r"fp16=True.*HiFTConfig\(precision='fp16'\)"):
+        HiFTTrainer(model=model, args=args, train_dataset=_data())
+
+
 def test_scale_gradients_keeps_the_value_and_scales_the_gradient():
     x = torch.tensor(3.0, requires_grad=True)
     y = scale_gradients(x * 2, 1024.0)

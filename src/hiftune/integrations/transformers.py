@@ -123,6 +123,14 @@ class HiFTTrainerMixin(_TrainerBase):
                 f"transformers {transformers_version} lacks; use precision='bf16'"
             )
         super().__init__(*args, **kwargs)
+        if self.args.fp16:
+            # accelerate's GradScaler would scale the loss but find no gradients to unscale (the
+            # clipping hook hands them to HiFT), so every update shrank by the loss scale; with a
+            # half-precision HiFT its step fails an assert.
+            raise ValueError(
+                "HiFTTrainer does not run under TrainingArguments(fp16=True); for fp16 use "
+                "hift_config=HiFTConfig(precision='fp16') (loss scaling in the optimizer), or bf16=True"
+            )
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             # Both re-shard the model (and rebuild the optimizer's parameters) after HiFT has
             # built its groups over the original parameters, and assume every one is trainable.
