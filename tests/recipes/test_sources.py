@@ -140,7 +140,7 @@ def test_identity_resolves_paths_but_keeps_hub_ids(tmp_path: Path, monkeypatch) 
         ("empty.jsonl", "", "holds no examples"),
         ("blank.jsonl", "\n", "holds no examples"),
         ("header.csv", "t,y\n", "holds no examples"),
-        ("bad.jsonl", "{not json}\n", r"cannot read .*bad\.jsonl: JSON parse error"),
+        ("bad.jsonl", "{not json}\n", r"bad\.jsonl: line 1 is not valid JSON"),
         ("data.xlsx", "x", "unknown data format"),
         ("d.csv.gz", "text,label\na,1\n", "is not a valid gzip file"),
     ],
@@ -298,3 +298,26 @@ def test_model_and_data_options_reach_the_config(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValueError, match=match):
             TrainRecipeConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        # pyarrow said "in row 2": rows from 0, the blank line skipped; the editor's line is 4.
+        ("d.jsonl", b'{"t": "a"}\n{"t": "b"}\n\n{"t": "c" "u": 1}\n', "line 4 is not valid JSON"),
+        ("d.jsonl", b'{"t": "a"}\n[1, 2]\n', "line 2 is a JSON array, not an object"),
+        ("d.json", b'[{"t": "a"},\n {"t": "b"}\n {"t": "c"}]\n', "line 3 is Expecting ','"),
+        ("d.jsonl.gz", gzip.compress(b'{"t": "a"}\n{"t": \n'), "line 2 is not valid JSON"),
+        # pyarrow keeps bytes that are not UTF-8 (they used to fail later, with a traceback).
+        ("d.jsonl", b'{"t": "a"}\n{"t": "caf\xe9"}\n', r"line 2 is not UTF-8 text \(byte 11 of"),
+        ("d.csv", b"t,y\na,1\nb,0\nc\xe9,1\n", r"d\.csv: line 4 is not UTF-8 text \(byte 2 of"),
+    ],
+)  # fmt: skip
+def test_a_broken_row_is_named_by_its_line(
+    tmp_path: Path, name: str, content: bytes, match: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(S.DataError, match=match) as info:
+        S.load_data(str(path))
+    assert str(info.value).startswith(str(path)) or str(info.value).startswith("cannot read")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .file_lines import first_bad_json_line, first_non_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,41 @@ def _load_files(files: list[Path]) -> Loaded:
             dd = datasets.load_dataset(builder, data_files=data_files, features=text, **options)
     except _read_errors() as e:  # datasets wraps the readers' own exceptions (pandas, arrow, gzip)
         raise _explain(e, files, source) from e
+    if builder == "json":
+        _check_utf8(dd, files, source)
     return Loaded(dict(dd), source)
+
+
+def _check_utf8(splits: Mapping[str, Any], files: list[Path], source: str) -> None:
+    """Refuses text that is not UTF-8, which pyarrow's JSON reader keeps as it is.
+
+    Such a string fails only when it is read, far from the file, with a bare traceback.
+
+    Raises:
+        DataError: Naming the file and line of the first byte that is not UTF-8.
+    """
+    import pyarrow
+
+    for ds in splits.values():
+        try:
+            ds.data.table.validate(full=True)
+        except pyarrow.ArrowInvalid as e:
+            raise _not_utf8(files, source, _first(e)) from None
+
+
+def _not_utf8(files: list[Path], source: str, reason: str) -> DataError:
+    """The error for content that is not UTF-8: the file and line where it is, if found."""
+    for f in files:
+        compression = _format_of(f)[1]
+        found = first_non_utf8(f, compression)
+        if found is not None:
+            line, column, why = found
+            what = {None: "", ".gz": " (gunzipped)"}.get(compression, " (decompressed)")
+            return DataError(
+                f"{f}: line {line}{what} is not UTF-8 text (byte {column} of the line: {why}); "
+                "save the file as UTF-8"
+            )
+    return DataError(f"{source} is not UTF-8 text ({reason}); save it as UTF-8")
 
 
 def _load_directory(path: Path) -> Loaded:
@@ -271,10 +306,7 @@ def _explain(error: BaseException, files: list[Path], source: str) -> DataError:
         if isinstance(e, OSError) and compression == ".bz2" and "Invalid data stream" in str(e):
             return DataError(f"{one} is not a valid bzip2 file: {_first(e)}")
         if isinstance(e, UnicodeDecodeError):
-            what = "decompressed content" if compression else "file"
-            if compression == ".gz":
-                what = "gunzipped content"
-            return DataError(f"{one}: the {what} is not UTF-8 text (byte {e.start}: {e.reason})")
+            return _not_utf8(files, one, f"byte {e.start}: {e.reason}")
         if type(e).__name__ == "CastError":
             return DataError(f"the files of {source} do not all have the same fields")
         # datasets' words for a file with a header but no rows, or with nothing at all.
@@ -284,7 +316,22 @@ def _explain(error: BaseException, files: list[Path], source: str) -> DataError:
 
     # The reader's own error, not datasets' wrapper around it (nor a fallback reader's error).
     reason = next((e for e in chain if not isinstance(e, DatasetsError)), chain[-1])
+    if files and _format_of(files[0])[0] in (".jsonl", ".json"):
+        return _json_error(files, source, _first(reason))
     return DataError(f"cannot read {source}: {_first(reason)}")
+
+
+def _json_error(files: list[Path], source: str, reason: str) -> DataError:
+    """A JSON reading failure at the physical line of the file, where it can be found.
+
+    pyarrow's own ``in row N`` counts from 0, without blank lines, within 10 MiB blocks: the
+    line is found by reading the file again (:func:`.file_lines.first_bad_json_line`).
+    """
+    for f in files:
+        found = first_bad_json_line(f, _format_of(f)[1])
+        if found is not None:
+            return DataError(f"{f}: line {found[0]} is {found[1]}")
+    return DataError(f"cannot read {source}: {reason}")
 
 
 def _first(e: BaseException) -> str:
