@@ -327,7 +327,7 @@ def test_csv_with_a_byte_order_mark_keeps_its_field_names(tmp_path: Path) -> Non
         (gzip.compress(b"text,label\na,1\n")[:-12], "is not a valid gzip file"),
         (
             gzip.compress("text,label\ncaf\xe9,1\n".encode("latin-1")),
-            "gunzipped content is not UTF-8",
+            r"d\.csv\.gz: line 2 \(gunzipped\) is not UTF-8",
         ),
     ],
     ids=["not-gzip", "truncated", "not-utf8"],
