@@ -12,14 +12,25 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import json
 import lzma
 from collections.abc import Iterator
 from pathlib import Path
 
-#: Compression suffix -> the standard-library opener of its content (``.zst`` needs a package
-#: that is not installed everywhere: its files are not searched).
-OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+#: Compressions the standard library reads (``.zst`` needs a package that is not installed
+#: everywhere: its files are not searched).
+SEARCHED = (".gz", ".bz2", ".xz")
+
+
+def _open(path: Path, compression: str | None) -> io.BufferedIOBase:
+    if compression == ".gz":
+        return gzip.GzipFile(path, "rb")
+    if compression == ".bz2":
+        return bz2.BZ2File(path, "rb")
+    if compression == ".xz":
+        return lzma.LZMAFile(path, "rb")
+    return open(path, "rb")
 
 
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
@@ -27,12 +38,11 @@ _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", boo
 
 def _lines(path: Path, compression: str | None) -> Iterator[tuple[int, bytes]] | None:
     """``(line number, raw line)`` of the file's (decompressed) content, or ``None``."""
-    if compression is not None and compression not in OPENERS:
+    if compression is not None and compression not in SEARCHED:
         return None
-    opener = OPENERS[compression] if compression is not None else open
 
     def read() -> Iterator[tuple[int, bytes]]:
-        with opener(path, "rb") as f:
+        with _open(path, compression) as f:
             yield from enumerate(f, start=1)
 
     return read()
