@@ -16,6 +16,7 @@ import torch
 from hiftune.cli import main
 from hiftune.errors import UserError
 from hiftune.memory import profile as prof
+from hiftune.memory import profile_report
 from hiftune.memory import profile_worker as worker
 from hiftune.memory.measure import MiB
 
@@ -254,3 +255,27 @@ def test_bad_number_exits_2(tiny_config: Path) -> None:
     with pytest.raises(SystemExit) as e:
         main(["profile", str(tiny_config), "--batch-size", "0"])
     assert e.value.code == 2
+
+
+def _result(reserved: float | None, pinned: float | None) -> dict:
+    mem = {"peak": 100.0, "weights": 40.0, "gradients": 10.0, "optimizer_states": 20.0,
+           "rest": 30.0, "runtime": 0.0, "reserved_peak": reserved, "pinned_peak": pinned}  # fmt: skip
+    time_s = {"mean_step": 0.5, "mean_step_cpu": 0.5, "timed_steps": 4}
+    return {
+        "ratios": [],
+        "runs": [{"label": "HiFT host bf16", "memory_mib": mem, "time_s": time_s}],
+    }
+
+
+def test_the_table_shows_reserved_and_pinned_memory_of_a_cuda_run() -> None:
+    (row,) = profile_report.table_rows(_result(reserved=128.0, pinned=512.0))
+    assert (row["peak MiB"], row["reserved"], row["pinned"]) == (100.0, 128.0, 512.0)
+    (row,) = profile_report.table_rows(_result(reserved=None, pinned=None))  # a CPU run
+    assert "reserved" not in row and "pinned" not in row
+
+
+def test_a_cpu_run_records_no_cuda_figures(tiny_config: Path) -> None:
+    spec = worker.RunSpec(str(tiny_config), "hift", seq_len=4, steps=1, warmup=0)
+    run = worker.measure_run(spec)
+    assert run["memory_mib"]["reserved_peak"] is None and run["memory_mib"]["pinned_peak"] is None
+    assert all(s["reserved_mib"] is None and s["pinned_mib"] is None for s in run["steps"])

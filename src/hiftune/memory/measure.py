@@ -2,6 +2,12 @@
 
 :class:`PeakMemory` is the one way hiftune measures the peak of a stretch of work (a profiled step,
 a logged training interval); the functions below it read single values.
+
+On CUDA three figures matter, and the peak hiftune reports is the first: memory *allocated* to
+tensors (``max_memory_allocated``); memory *reserved* by PyTorch's caching allocator (allocated
+plus its cache and fragmentation: what the device really lacks, and what an out-of-memory error
+is about); and *pinned* host memory (page-locked RAM held by PyTorch's caching host allocator:
+the host store's buffers, which the operating system cannot swap out).
 """
 
 from __future__ import annotations
@@ -39,17 +45,44 @@ def peak_memory_mib(device: torch.device | str = "cpu") -> float:
     return rss / MiB if sys.platform == "darwin" else rss / 1024
 
 
+def peak_reserved_mib(device: torch.device | str = "cpu") -> float | None:
+    """Peak memory reserved by the CUDA caching allocator so far; ``None`` off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_reserved(device) / MiB
+
+
+def pinned_memory_mib(peak: bool = False) -> float | None:
+    """Pinned host memory held by PyTorch's caching host allocator (in use and cached), now or
+    at its peak, MiB; ``None`` without CUDA or where torch has no host statistics (< 2.5)."""
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None or not torch.cuda.is_initialized():
+        return None
+    values = stats()
+    which = "peak" if peak else "current"
+    # Older torch documents the allocator's pool as "reserved_bytes" (and "allocated_bytes" as
+    # the part in use), newer torch as "allocated_bytes" ("active_bytes" in use): the larger.
+    held = (values.get(f"{k}.{which}", 0) for k in ("reserved_bytes", "allocated_bytes"))
+    return max(held) / MiB
+
+
 def reset_peak_memory(device: torch.device | str = "cpu") -> None:
-    """Resets the CUDA peak counter (the CPU peak cannot be reset: measure in a fresh process)."""
+    """Resets the CUDA peak counters, pinned host memory's too (the CPU peak cannot be reset:
+    measure in a fresh process)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        if hasattr(torch.cuda, "reset_peak_host_memory_stats") and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_host_memory_stats()
 
 
 class PeakMemory:
     """The peak memory of a stretch of work, resettable: exact on CUDA and Linux, sampled elsewhere.
 
-    On CUDA it reads ``torch.cuda.max_memory_allocated``. On Linux it resets the kernel's
+    On CUDA it reads ``torch.cuda.max_memory_allocated``, and :meth:`peak_reserved` and
+    :meth:`peak_pinned` the caching allocator's peak reservation and pinned host memory over the
+    same stretch. On Linux it resets the kernel's
     high-water mark of the resident set (``/proc/self/clear_refs``) and reads ``VmHWM``, which sees
     even a peak that lasts a microsecond. Where neither works it samples the resident set size on
     a background thread every ``interval`` seconds (:attr:`method` says which one is in use).
@@ -91,6 +124,15 @@ class PeakMemory:
         if self._stop is None:
             return _vm_hwm_mib()
         return max(self._sampled, current_memory_mib())
+
+    def peak_reserved(self) -> float | None:
+        """The CUDA caching allocator's peak reservation since the last reset, MiB (``None`` off
+        CUDA): the peak plus the allocator's cache and fragmentation."""
+        return peak_reserved_mib(self._device)
+
+    def peak_pinned(self) -> float | None:
+        """Peak pinned host memory since the last reset, MiB (``None`` off CUDA)."""
+        return pinned_memory_mib(peak=True) if self._device.type == "cuda" else None
 
     def take_peak(self) -> float:
         """The peak since the last reset, then resets: one call per logged interval."""

@@ -15,14 +15,19 @@ from .render import markdown_table, plot_lines, write_json
 def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One table row per run: peak, breakdown (MiB), mean step time (s) and the ratios."""
     ratios = {r["label"]: r for r in result["ratios"]}
+    cuda = _on_cuda(result)
     rows = []
     for run in result["runs"]:
         mem, t = run["memory_mib"], run["time_s"]
         ratio = ratios.get(run["label"], {})
+        device = (
+            {"reserved": mem.get("reserved_peak"), "pinned": mem.get("pinned_peak")} if cuda else {}
+        )
         rows.append(
             {
                 "config": run["label"],
                 "peak MiB": mem["peak"],
+                **device,
                 "weights": mem["weights"],
                 "grads": mem["gradients"],
                 "states": mem["optimizer_states"],
@@ -61,7 +66,9 @@ def render_markdown(result: dict[str, Any], command: str | None = None) -> str:
         f"device {spec['device']}, {run0['num_params'] / 1e6:.2f}M parameters.",
         "",
         render_table(result),
-        "Memory in MiB (peak resident set size on CPU), step time in seconds (mean over the timed "
+        "Memory in MiB (peak resident set size on CPU; on CUDA the peak allocated to tensors, "
+        "`reserved` the caching allocator's peak reservation and `pinned` the peak pinned host "
+        "memory), step time in seconds (mean over the timed "
         "steps; warm-up excluded; `CPU s`: CPU time of all the worker's threads). "
         "`rest` = peak - weights - grads - states: activations, "
         "temporaries, paging buffers and the runtime (Python + libraries, shown as `(runtime)`).",
@@ -111,6 +118,11 @@ def write_outputs(
         "json": write_json(out / f"{name}.json", {"command": command, **result}),
         "png": plot_steps(out / f"{name}.png", result),
     }
+
+
+def _on_cuda(result: dict[str, Any]) -> bool:
+    """Whether the runs read the CUDA figures (reserved and pinned memory)."""
+    return any(run["memory_mib"].get("reserved_peak") is not None for run in result["runs"])
 
 
 def _fmt_ratio(value: float | None) -> str:

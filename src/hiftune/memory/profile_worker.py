@@ -14,7 +14,9 @@ configuration as ``python -m hiftune.memory.profile_worker SPEC_JSON RESULT_PATH
 
 Memory is the process's resident set size on CPU (so it includes the Python runtime and the
 libraries, reported as ``runtime``) and ``torch.cuda.max_memory_allocated`` on CUDA, read per step
-by :class:`~hiftune.memory.measure.PeakMemory`.
+by :class:`~hiftune.memory.measure.PeakMemory`; on CUDA also the caching allocator's peak
+reservation (``reserved_peak``: what the device must have free) and the peak pinned host memory
+(``pinned_peak``: the host store's page-locked buffers), ``None`` on CPU.
 
 The breakdown follows the paper's memory model (method notes, section 7): ``weights`` = bytes of the
 model's parameters (plus the fp32 masters resident at once, in mixed precision), ``gradients`` =
@@ -35,7 +37,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,6 +324,8 @@ def measure_run(spec: RunSpec, on_step: Callable[[int], None] | None = None) -> 
                     "time_s": seconds,
                     "cpu_s": cpu_seconds,
                     "peak_mib": peak_memory.peak(),
+                    "reserved_mib": peak_memory.peak_reserved(),
+                    "pinned_mib": peak_memory.peak_pinned(),
                     "loss": float(loss.detach()),
                     "gradients_mib": max(grad_bytes, meter.step_grad_bytes) / MiB,
                     "optimizer_states_mib": meter.step_state_bytes / MiB,
@@ -360,6 +364,8 @@ def measure_run(spec: RunSpec, on_step: Callable[[int], None] | None = None) -> 
             "rest": peak - weights - grads - states,
             "runtime": runtime_mib,
             "setup_peak": setup_peak_mib,
+            "reserved_peak": _max_or_none(r["reserved_mib"] for r in measured),
+            "pinned_peak": _max_or_none(r["pinned_mib"] for r in measured),
         },
         "time_s": {
             "mean_step": statistics.fmean(r["time_s"] for r in timed),
@@ -379,6 +385,11 @@ def measure_run(spec: RunSpec, on_step: Callable[[int], None] | None = None) -> 
             "malloc": {k: os.environ.get(k) for k in MALLOC_ENV},
         },
     }
+
+
+def _max_or_none(values: Iterable[float | None]) -> float | None:
+    """The largest value, ``None`` if there is none (a figure not read on this device)."""
+    return max((v for v in values if v is not None), default=None)
 
 
 class _StateMeter:
