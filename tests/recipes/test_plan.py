@@ -18,13 +18,14 @@ def test_compress_names() -> None:
     assert compress_names(["embed", *[f"layers.{i}" for i in range(30)], "head"]) == (
         "embed, layers.0-29, head"
     )
+    # A group keeps the engine's name: "layers.3-6" would be four names, not one group.
     assert compress_names(["embed..layers.2", "layers.3..layers.6", "head"]) == (
-        "embed..layers.2, layers.3-6, head"
+        "embed..layers.2, layers.3..layers.6, head"
     )
     assert compress_names(["h.1", "h.3", "h.4", "norm", "h.5"]) == "h.1, h.3-4, norm, h.5"
     slices = [f"embed[{i * 64}:{(i + 1) * 64}]" for i in range(8)]
     assert compress_names([*slices, "layers.0"]) == "embed[0:512] in 8 slices, layers.0"
-    assert compress_names(["embed[0:64]..embed[192:256]"]) == "embed[0:256]"
+    assert compress_names(["embed[0:64]..embed[192:256]"]) == "embed[0:64]..embed[192:256]"
     assert compress_names([]) == ""
 
 
@@ -121,10 +122,12 @@ def test_budget_guard_names_the_groups_never_trained(llama10) -> None:
     assert plan.updates == [9, 9, 9, 7, 6]
     assert plan.budget == (
         "40 steps = 2 cycles of 5 groups x 3 steps and 10 steps: 9 updates for embed..layers.0, "
-        "layers.1-4; 7 updates for layers.5-6; 6 updates for layers.7..head"
+        "layers.1..layers.2, layers.3..layers.4; 7 updates for layers.5..layers.6; 6 updates for "
+        "layers.7..head"
     )
     assert plan.warnings == [
-        "40 optimizer steps over 5 groups of m=2 (3 steps per visit): layers.5-6, layers.7..head "
+        "40 optimizer steps over 5 groups of m=2 (3 steps per visit): layers.5..layers.6, "
+        "layers.7..head "
         "get only 6-7 updates, fewer than the 8 updates each group should get; "
         "--units-per-group 4 gives 12 updates per group or --epochs 2.2 (44 steps) gives every "
         "group 8"
@@ -145,7 +148,7 @@ def test_plan_states_the_schedule(llama10) -> None:
     )
     assert (
         "  updates: 200 steps = 66 cycles of 3 groups and 2 steps: 67 updates for embed..layers.2, "
-        "layers.3-6; 66 updates for layers.7"
+        "layers.3..layers.6; 66 updates for layers.7"
     ) in lines
     assert "  always active: model.norm.weight (lr x3)" in lines
     # Without a budget (no step count) or for FPFT, there is nothing to warn about.

@@ -353,8 +353,9 @@ def compress_names(names: Sequence[str]) -> str:
     """Runs of numbered or sliced names in one line: ``embed[0:49152] in 8 slices, layers.0-29, head``.
 
     Consecutive ``layers.3``, ``layers.4``, ... become ``layers.3-4``; adjoining row slices of one
-    tensor (``embed[0:6144]``, ``embed[6144:12288]``) become ``embed[0:12288] in 2 slices``; a group
-    name ``layers.3..layers.6`` is the run ``layers.3-6``. Other names stay as they are.
+    tensor (``embed[0:6144]``, ``embed[6144:12288]``) become ``embed[0:12288] in 2 slices``. A
+    group name (``layers.3..layers.6``) stays as it is, the one form of a group's name everywhere
+    (progress bar, checkpoints, ``hiftune inspect``); so do other names.
     """
     spans: list[_Span | str] = []
     for raw in names:
@@ -399,12 +400,8 @@ class _Span:
 
 def _span(name: str) -> _Span | None:
     """The span a unit or group name covers, if it is numbered or sliced."""
-    low, sep, high = name.partition("..")
-    if sep:  # a group: its first and last unit
-        a, b = _span(low), _span(high)
-        if a is None or b is None or (a.prefix, a.sliced) != (b.prefix, b.sliced):
-            return None
-        return _Span(a.prefix, a.lo, b.hi, a.sliced, None)
+    if ".." in name:  # a group (first..last unit): named as the engine and inspect name it
+        return None
     if m := _SLICED.match(name):
         return _Span(m["prefix"], int(m["lo"]), int(m["hi"]), True, 1)
     if m := _NUMBERED.match(name):
