@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hiftune import HiFTOptimizer
 from hiftune.cli import main
 from hiftune.errors import UserError
 from hiftune.memory import profile as prof
@@ -279,3 +280,24 @@ def test_a_cpu_run_records_no_cuda_figures(tiny_config: Path) -> None:
     run = worker.measure_run(spec)
     assert run["memory_mib"]["reserved_peak"] is None and run["memory_mib"]["pinned_peak"] is None
     assert all(s["reserved_mib"] is None and s["pinned_mib"] is None for s in run["steps"])
+
+
+def test_pinned_memory_adds_the_host_stores_own_buffers() -> None:
+    # The host store pins its buffers with cudaHostRegister, which the caching host allocator
+    # (the meter's figure) never sees.
+    class Meter:
+        def peak_pinned(self) -> float | None:
+            return 10.0
+
+    class PinningStore(worker.DiscardStore):
+        def pinned_bytes(self) -> int:
+            return 2 * 2**20
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    opt = HiFTOptimizer(model, torch.optim.SGD, store=PinningStore(), lr=0.1)
+    try:
+        assert worker._pinned_mib(Meter(), opt) == 12.0  # type: ignore[arg-type]
+        plain = torch.optim.SGD(model.parameters())
+        assert worker._pinned_mib(Meter(), plain) == 10.0  # type: ignore[arg-type]
+    finally:
+        opt.close()

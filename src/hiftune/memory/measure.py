@@ -6,8 +6,10 @@ a logged training interval); the functions below it read single values.
 On CUDA three figures matter, and the peak hiftune reports is the first: memory *allocated* to
 tensors (``max_memory_allocated``); memory *reserved* by PyTorch's caching allocator (allocated
 plus its cache and fragmentation: what the device really lacks, and what an out-of-memory error
-is about); and *pinned* host memory (page-locked RAM held by PyTorch's caching host allocator:
-the host store's buffers, which the operating system cannot swap out).
+is about); and *pinned* host memory (page-locked RAM, which the operating system cannot swap
+out). PyTorch's caching host allocator reports what ``pin_memory()`` took; the host store pins its
+buffers itself (``cudaHostRegister``) and reports them by ``pinned_bytes()``, so a figure of
+pinned memory adds the two (:mod:`.profile_worker` does).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def peak_reserved_mib(device: torch.device | str = "cpu") -> float | None:
 
 def pinned_memory_mib(peak: bool = False) -> float | None:
     """Pinned host memory held by PyTorch's caching host allocator (in use and cached), now or
-    at its peak, MiB; ``None`` without CUDA or where torch has no host statistics (< 2.5)."""
+    at its peak, MiB; ``None`` without CUDA or where torch has no host statistics. Memory pinned
+    with ``cudaHostRegister`` (the host store's buffers) is not the allocator's: not counted."""
     stats = getattr(torch.cuda, "host_memory_stats", None)
     if stats is None or not torch.cuda.is_initialized():
         return None
@@ -131,7 +134,8 @@ class PeakMemory:
         return peak_reserved_mib(self._device)
 
     def peak_pinned(self) -> float | None:
-        """Peak pinned host memory since the last reset, MiB (``None`` off CUDA)."""
+        """Peak pinned host memory of PyTorch's caching host allocator since the last reset,
+        MiB (``None`` off CUDA; see :func:`pinned_memory_mib`)."""
         return pinned_memory_mib(peak=True) if self._device.type == "cuda" else None
 
     def take_peak(self) -> float:

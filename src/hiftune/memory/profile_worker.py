@@ -16,7 +16,8 @@ Memory is the process's resident set size on CPU (so it includes the Python runt
 libraries, reported as ``runtime``) and ``torch.cuda.max_memory_allocated`` on CUDA, read per step
 by :class:`~hiftune.memory.measure.PeakMemory`; on CUDA also the caching allocator's peak
 reservation (``reserved_peak``: what the device must have free) and the peak pinned host memory
-(``pinned_peak``: the host store's page-locked buffers), ``None`` on CPU.
+(``pinned_peak``: PyTorch's caching host allocator's plus the host store's own page-locked
+buffers), ``None`` on CPU.
 
 The breakdown follows the paper's memory model (method notes, section 7): ``weights`` = bytes of the
 model's parameters (plus the fp32 masters resident at once, in mixed precision), ``gradients`` =
@@ -325,7 +326,7 @@ def measure_run(spec: RunSpec, on_step: Callable[[int], None] | None = None) -> 
                     "cpu_s": cpu_seconds,
                     "peak_mib": peak_memory.peak(),
                     "reserved_mib": peak_memory.peak_reserved(),
-                    "pinned_mib": peak_memory.peak_pinned(),
+                    "pinned_mib": _pinned_mib(peak_memory, opt),
                     "loss": float(loss.detach()),
                     "gradients_mib": max(grad_bytes, meter.step_grad_bytes) / MiB,
                     "optimizer_states_mib": meter.step_state_bytes / MiB,
@@ -385,6 +386,17 @@ def measure_run(spec: RunSpec, on_step: Callable[[int], None] | None = None) -> 
             "malloc": {k: os.environ.get(k) for k in MALLOC_ENV},
         },
     }
+
+
+def _pinned_mib(meter: PeakMemory, opt: torch.optim.Optimizer) -> float | None:
+    """The step's peak pinned host memory: the caching host allocator's, plus the buffers a host
+    store pins itself (persistent: their size is their peak); ``None`` off CUDA."""
+    pinned = meter.peak_pinned()
+    store = opt.store if isinstance(opt, HiFTOptimizer) else None
+    own = getattr(store, "pinned_bytes", None)
+    if pinned is None or own is None:
+        return pinned
+    return pinned + own() / MiB
 
 
 def _max_or_none(values: Iterable[float | None]) -> float | None:
