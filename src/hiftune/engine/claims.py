@@ -8,8 +8,9 @@ a :class:`Claim` that can undo those changes without the optimizer that made the
 
 A copy of a driven model (``copy.deepcopy``, or ``torch.save`` and ``torch.load``) is a plain model:
 every parameter the optimizer manages trainable, no backward-truncation hooks, no optimizer. The
-claim puts a :class:`CopyGuard` on the model for that: copying and pickling visit it before the
-model's submodules, and it makes the copy's parameters trainable and removes the copy's hooks.
+claim puts a :class:`CopyGuard` on the model for that: copying and pickling reach it with the rest
+of the model, and it makes the copy's parameters trainable and removes the copy's hooks (the copy
+keeps only an inert hook in its place).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ class Claim:
 
     def guard_copies(self, model: nn.Module) -> None:
         """Puts a :class:`CopyGuard` on ``model`` (removed by :meth:`release`)."""
-        # A state-dict pre-hook: a slot that copying visits before the submodules (a module's
-        # hook dicts come before its ``_modules``) and that costs nothing in forward.
+        # A state-dict pre-hook: a slot that copying and pickling visit and that forward never
+        # runs (nothing for torch.compile to trace).
         self._guard = model.register_state_dict_pre_hook(CopyGuard(self.params, self.truncation))
 
     def release(self) -> None:
