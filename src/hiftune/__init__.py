@@ -4,7 +4,7 @@ The public API is small::
 
     from hiftune import HiFTConfig, HiFTOptimizer
 
-Everything else stays importable from its module (e.g. ``hiftune.engine.state.paging.HostStore``,
+Everything else stays importable from its module (e.g. ``hiftune.engine.state.host.HostStore``,
 ``hiftune.integrations.transformers.HiFTTrainer``); see ``docs/design.md`` for the layers.
 """
 
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from .engine.optimizer import HiFTOptimizer
     from .engine.schedule.delay import DelayedLR
     from .engine.split.units import split_units
-    from .engine.state.paging import DiskStore, StateStore
+    from .engine.state.paging import DiskStore
+    from .engine.state.store import StateStore
 
 __all__ = [
     "DelayedLR",

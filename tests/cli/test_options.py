@@ -20,7 +20,7 @@ from hiftune.recipes.schedule import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from hubcache import HubCache  # noqa: E402
+from hubcache import HubCache
 
 
 def _llama(path: Path, layers: int = 6) -> Path:

@@ -17,7 +17,7 @@ import transformers as T
 
 from hiftune import HiFTConfig
 from hiftune.engine.distributed import is_sharded
-from hiftune.engine.state.paging import tensor_bytes
+from hiftune.engine.state.store import tensor_bytes
 from hiftune.integrations.transformers import HiFTTrainer, unwrap_hift
 from hiftune.memory.measure import PeakMemory, current_memory_mib
 from tinymodels import tiny_hf_config

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from hiftune import HiFTConfig, HiFTOptimizer
 from hiftune.engine.distributed import all_reduce_mean
 from hiftune.engine.split.units import split_units
-from hiftune.engine.state.paging import tensor_bytes
+from hiftune.engine.state.store import tensor_bytes
 from tinymodels import TinyLM, lm_loss
 
 STEPS = 8

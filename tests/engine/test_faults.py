@@ -15,7 +15,8 @@ import torch
 from hiftune import HiFTConfig, HiFTOptimizer
 from hiftune.engine.guards import DivergedError
 from hiftune.engine.state import paging, tempdirs
-from hiftune.engine.state.paging import DiskStore, KeepStore
+from hiftune.engine.state.paging import DiskStore
+from hiftune.engine.state.store import KeepStore
 from tinymodels import TinyLM, lm_loss, snapshot, train_steps
 
 # --- 6: a failed page-out loses nothing ------------------------------------------------------

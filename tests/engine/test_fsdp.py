@@ -14,7 +14,7 @@ from distributed.launch import free_port
 from hiftune import HiFTConfig, HiFTOptimizer
 from hiftune.engine.fsdp import pin_units, shard_by_units
 from hiftune.engine.split.units import split_units
-from hiftune.engine.state.paging import tensor_bytes
+from hiftune.engine.state.store import tensor_bytes
 from tinymodels import TinyLM, lm_loss
 
 K = len(split_units(TinyLM()))  # groups of one unit each

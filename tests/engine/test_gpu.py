@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hiftune import DiskStore, HiFTConfig, HiFTOptimizer
-from hiftune.engine.state.paging import HostStore
+from hiftune.engine.state.host import HostStore
 from tinymodels import TinyLM, lm_loss, snapshot
 
 pytestmark = pytest.mark.gpu

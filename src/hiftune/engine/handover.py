@@ -23,7 +23,7 @@ from torch import nn
 from .shards import GroupTensors
 from .state import precision
 from .state.inner import GroupStates, ParamGroupsFn, param_groups
-from .state.paging import StateStore
+from .state.store import StateStore
 
 #: A weight (its rows, for a row shard) and the fp32 master data it takes back.
 Restore = tuple[nn.Parameter, tuple[int, int] | None, torch.Tensor]

@@ -39,9 +39,10 @@ from .shards import GroupTensors, take_grads
 from .split.units import Unit, group_name
 from .state import precision
 from .state.inner import GroupStates, ParamGroupsFn
-from .state.paging import StateStore, make_store
+from .state.paging import make_store
 from .state.precision import DTYPES, LossScaler
 from .state.state_dict import STATE_DICT_VERSION, Layout, class_name
+from .state.store import StateStore
 from .state.zero import StateSharding
 from .truncation import BackwardTruncation
 
@@ -74,7 +75,7 @@ class HiFTOptimizer(torch.optim.Optimizer):
         param_groups_fn: Optional per-parameter options: receives one group's ``(name, param)``
             pairs and returns torch param-group dicts for them (e.g. weight decay 0 for biases and
             norms). By default each HiFT group is one param group.
-        store: Optional :class:`~hiftune.engine.state.paging.StateStore` to hold inactive groups' state,
+        store: Optional :class:`~hiftune.engine.state.store.StateStore` to hold inactive groups' state,
             instead of the one ``config.offload`` names (e.g. a store of your own, or a
             ``DiskStore(write_behind=True)``).
         **optimizer_kwargs: Passed unchanged to ``optimizer_cls`` for every group.

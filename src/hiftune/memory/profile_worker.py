@@ -48,8 +48,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..engine.config import OFFLOADS, PRECISIONS, HiFTConfig
 from ..engine.optimizer import HiFTOptimizer
 from ..engine.optimizers import METHODS, OPTIMIZERS, resolve_optimizer
-from ..engine.state.paging import StateStore, Tensors, tensor_bytes
 from ..engine.state.precision import DTYPES
+from ..engine.state.store import StateStore, Tensors, tensor_bytes
 from ..errors import UserError
 from .configs import TASK_HEADS, build_model, resolve_config
 from .measure import MiB, PeakMemory, current_memory_mib, peak_memory_mib

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..engine.optimizers import OPTIMIZERS, resolve_optimizer
-from ..engine.state.paging import tensor_bytes
+from ..engine.state.store import tensor_bytes
 from ..errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from hiftune.engine.state import paging
-from hiftune.engine.state.paging import DiskStore, HostStore, KeepStore
+from hiftune.engine.state.host import HostStore
+from hiftune.engine.state.paging import DiskStore
+from hiftune.engine.state.store import KeepStore
 
 
 def _tensors():

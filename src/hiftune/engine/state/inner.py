@@ -3,7 +3,7 @@
 HiFTOptimizer builds one instance of the user's optimizer class per HiFT group. This module holds
 what it needs to know about such an instance without touching its code: how to give it per-parameter
 options, and how its ``state`` (plus the group's fp32 masters) becomes the flat ``{name: tensor}``
-dict a :class:`~hiftune.engine.state.paging.StateStore` holds, and back (:class:`GroupStates` pages every
+dict a :class:`~hiftune.engine.state.store.StateStore` holds, and back (:class:`GroupStates` pages every
 group's state in and out). The flat names are ``state.<i>.<key>`` for the state entry ``key`` of the
 optimizer's i-th parameter, and ``master.<i>`` for the i-th master weight.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .paging import StateStore
+from .store import StateStore
 
 logger = logging.getLogger(__name__)
 

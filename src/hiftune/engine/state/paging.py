@@ -13,8 +13,8 @@ Sharded tensors (``DTensor``, e.g. the optimizer state of an FSDP2 model's param
 as their local shard and rebuilt on the way back (:func:`to_local` / :func:`from_local`), so each
 rank keeps only its own shard, on host or disk.
 
-This module holds the disk store and :func:`make_store`, and re-exports the rest: the interface,
-the byte counter and the in-place store live in :mod:`.store`, the host store in :mod:`.host`.
+This module holds the disk store and :func:`make_store`; the interface, the byte counter and the
+in-place store live in :mod:`.store`, the host store in :mod:`.host`.
 """
 
 from __future__ import annotations
@@ -44,19 +44,6 @@ from .store import (
     to_local,
 )
 from .tempdirs import OwnedDir, make_owned_temp_dir
-
-__all__ = [
-    "DiskStore",
-    "HostStore",
-    "KeepStore",
-    "ShardSpec",
-    "StateStore",
-    "Tensors",
-    "from_local",
-    "make_store",
-    "tensor_bytes",
-    "to_local",
-]
 
 logger = logging.getLogger(__name__)
 

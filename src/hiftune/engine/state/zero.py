@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..distributed import BUCKET_BYTES, buckets
-from .paging import StateStore, Tensors
+from .store import StateStore, Tensors
 
 __all__ = ["SAVING_RANK", "ShardedStore", "StateSharding"]
 
