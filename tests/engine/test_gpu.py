@@ -78,3 +78,38 @@ def test_disk_store_brings_tensors_back_to_their_device(tmp_path):
     back = store.get(0)["t"]
     assert back.device == t.device and torch.equal(back, t)
     store.close()
+
+
+BUSY = int(1e8)  # GPU clock cycles of torch.cuda._sleep: tens of milliseconds
+
+
+def _poison(n: int) -> None:
+    """Leaves -1 in the caching allocator's free blocks, so unwritten memory shows as -1."""
+    torch.full((n,), -1.0, device="cuda")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("store_type", ["host", "disk"])
+def test_stores_wait_for_the_busy_step_and_for_their_copies(store_type, tmp_path):
+    # A store that forgot a stream wait copies the state before the (delayed) step wrote it, or
+    # hands back a tensor its copy-in has not filled yet: wrong data, not an error.
+    n = 16 * 2**20
+    store = HostStore() if store_type == "host" else DiskStore(tmp_path)
+    t = torch.zeros(n, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(BUSY)
+    t.fill_(1.0)
+    store.put(0, {"t": t})
+    del t
+    assert bool((store.peek(0)["t"] == 1).all())  # what state_dict() reads
+    _poison(n)
+    store.prefetch(0)
+    back = store.get(0)["t"]
+    assert bool((back.clone() == 1).all())
+    torch.cuda._sleep(BUSY)
+    back.fill_(2.0)
+    store.put(0, {"t": back})
+    del back
+    _poison(n)
+    assert bool((store.get(0)["t"] == 2).all())
+    store.close()
