@@ -38,6 +38,7 @@ def _train(compile_: str) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
     return names, snapshot(model)
 
 
+@pytest.mark.slow  # dynamo's first compile takes seconds
 @pytest.mark.parametrize("compile_", ["before", "after"])
 def test_a_compiled_model_trains_bit_for_bit_like_the_eager_one(compile_):
     # Built on torch.compile(model), the unit split used to trace the compiled forward, where the
