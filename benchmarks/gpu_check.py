@@ -51,7 +51,7 @@ from torch import nn
 
 from hiftune import DiskStore, HiFTConfig, HiFTOptimizer
 from hiftune.engine.schedule.rotation import split_groups
-from hiftune.engine.state.paging import HostStore
+from hiftune.engine.state.host import HostStore
 from hiftune.memory.estimate import estimate
 from hiftune.memory.measure import MiB, PeakMemory
 
