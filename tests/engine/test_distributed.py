@@ -109,6 +109,9 @@ def _sharding_worker(rank, world, port, out, optimizer):
         _run(model, opt, data, rows, range(SAVE_AT))
         saved_weights = _snapshot(model)
         state = opt.state_dict()  # with shard_state: a collective
+        # Each rank loads its own dict back, as accelerate's optimizer wrapper does when the
+        # Trainer prepares it: a non-saving rank's placeholders are groups it keeps nothing of.
+        opt.load_state_dict(state)
         checkpoint = io.BytesIO()
         torch.save(state, checkpoint)
         path = f"{out}.checkpoint.{shard}"

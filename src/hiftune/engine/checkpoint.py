@@ -17,7 +17,7 @@ from .shards import GroupTensors
 from .state.inner import GroupStates
 from .state.precision import LossScaler
 from .state.state_dict import Layout, validate_state_dict
-from .state.zero import StateSharding
+from .state.zero import StateSharding, is_placeholder
 
 
 class Checkpoint:
@@ -78,6 +78,8 @@ class Checkpoint:
         """
         meta = validate_state_dict(state_dict, self.layout)
         for b, saved in enumerate(state_dict["groups"]):
+            if is_placeholder(saved):  # a group another rank keeps (checked above)
+                continue
             saved = {**saved, "masters": saved["masters"] if self._mixed else None}
             self._states.load(b, saved, self._tensors[b].params[0].device)
         self._rotation.load_meta(meta)

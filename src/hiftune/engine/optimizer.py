@@ -178,6 +178,9 @@ class HiFTOptimizer(torch.optim.Optimizer):
             precision=self.config.precision,
             rotating=len(bottom_up),
             steps_per_group=self.config.steps_per_group,
+            foreign=frozenset(
+                b for b in range(len(bottom_up)) if self._sharding and not self._sharding.owns(b)
+            ),
         )
         self._checkpoint = Checkpoint(
             self._layout,

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .zero import is_placeholder
+
 #: The format of ``HiFTOptimizer.state_dict()``; bumped only when old dicts can no longer load.
 STATE_DICT_VERSION = 1
 
@@ -41,6 +43,8 @@ class Layout:
             always-active parameters') come after them. ``None``: all of them.
         steps_per_group: K, the steps of one visit (a checkpoint saved further into a visit
             does not load).
+        foreign: Groups whose state another rank keeps (``shard_state``): for them a
+            checkpoint may hold a placeholder (:func:`~hiftune.engine.state.zero.placeholder`).
     """
 
     names: list[list[str]]
@@ -51,6 +55,7 @@ class Layout:
     precision: str
     rotating: int | None = None
     steps_per_group: int = 1
+    foreign: frozenset[int] = frozenset()
 
     def to_meta(self) -> dict[str, Any]:
         """The layout's part of a state dict's ``"hift"`` entry (plain values)."""
@@ -159,6 +164,8 @@ def _check_shapes(shapes: object, layout: Layout) -> None:
 
 def _check_group(b: int, saved: object, layout: Layout) -> None:
     where = f"group {layout.group_names[b]!r}"
+    if b in layout.foreign and is_placeholder(saved):
+        return  # another rank keeps this group's state; this one has nothing to load
     if not isinstance(saved, Mapping) or not isinstance(saved.get("optimizer"), Mapping):
         raise _fail(f"{where} has no optimizer state")
     inner = saved["optimizer"]

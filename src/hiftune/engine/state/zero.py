@@ -25,7 +25,7 @@ micro-batch. A checkpoint gathers every group from its owner to the saving rank 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -39,6 +39,16 @@ __all__ = ["SAVING_RANK", "ShardedStore", "StateSharding"]
 #: The rank (in the sharding's process group) that :meth:`StateSharding.share` gathers every
 #: group's state to: the one that saves checkpoints (the Trainer's ``should_save`` process).
 SAVING_RANK = 0
+
+
+def placeholder(owner: int) -> dict[str, Any]:
+    """The checkpoint entry of a group another rank (``owner``) keeps: no state, only its owner."""
+    return {"optimizer": None, "masters": None, "owner": owner}
+
+
+def is_placeholder(entry: object) -> bool:
+    """Whether a checkpoint entry is a :func:`placeholder`."""
+    return isinstance(entry, Mapping) and entry.get("optimizer") is None and "owner" in entry
 
 
 class ShardedStore(StateStore):
@@ -138,9 +148,11 @@ class StateSharding:
         Every rank calls this for every group in the same order. The owner sends its ``entry``
         to the saving rank (:data:`SAVING_RANK` of :attr:`group`) alone, point to point, so no
         other rank ever holds a copy: the saving rank gets every group, each other rank keeps the
-        groups it owns, and a group it neither owns nor saves becomes a placeholder without
-        optimizer state, which ``load_state_dict`` refuses (load the saving rank's checkpoint,
-        on any number of ranks).
+        groups it owns, and a group it neither owns nor saves becomes a :func:`placeholder`.
+        Such a dict loads back on the rank that made it (as accelerate's optimizer wrapper does
+        with a fresh ``state_dict()``), since that rank keeps no state for the placeholders'
+        groups; anywhere else they are refused (resume from the saving rank's checkpoint, on any
+        number of ranks).
 
         Args:
             b: The group (bottom-up).
@@ -157,7 +169,7 @@ class StateSharding:
             box: list[Any] = [None]
             torch.distributed.recv_object_list(box, self._global(owner), group=self.group)
             return box[0]
-        return {"optimizer": None, "masters": None, "owner": owner}
+        return placeholder(owner)
 
     def _global(self, rank: int) -> int:
         if self.group is None:
