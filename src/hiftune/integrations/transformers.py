@@ -211,9 +211,9 @@ class HiFTTrainerMixin(_TrainerBase):
                 torch.save(self.lr_scheduler.state_dict(), f"{output_dir}/{SCHEDULER_NAME}")
             return
         # With shard_state=True each rank keeps only its share of the groups, so the optimizer's
-        # state_dict() is a collective that brings every group to every rank. The Trainer calls it
-        # on the saving process only; the others join here, so the checkpoint is whole (and
-        # resumes on any number of processes).
+        # state_dict() is a collective in which every owner sends its groups to the saving rank.
+        # The Trainer calls it on the saving process only; the others join here, so the
+        # checkpoint is whole (and resumes on any number of processes).
         if hift is not None and hift.sharding is not None and not self.args.should_save:
             hift.state_dict()
         super()._save_optimizer_and_scheduler(output_dir)
