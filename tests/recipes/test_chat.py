@@ -465,3 +465,11 @@ def test_bad_chat_data_is_one_line_from_the_command(
     (line,) = [x for x in err.splitlines() if x.startswith("hiftune train: error:")]
     assert "message 1 has the unknown role 'narrator'" in line and "row " in line
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_an_empty_answer_to_a_conversational_prompt_is_named_by_the_users_field() -> None:
+    # A prompt given as messages, its answer as text under the user's own field name.
+    fields = {"prompt": "question", "completion": "reply"}
+    row = {"question": [{"role": "user", "content": "Say hello."}], "reply": " "}
+    with pytest.raises(DataError, match="row 1 of x has an empty or non-text reply"):
+        chat.normalize_rows([row], "prompt-completion", "x", fields)

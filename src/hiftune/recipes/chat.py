@@ -173,7 +173,10 @@ def normalize_rows(
                 answer = _messages(completion, i, where)
             else:
                 answer = [
-                    {"role": "assistant", "content": _text(completion, i, where, "completion")}
+                    {
+                        "role": "assistant",
+                        "content": _text(completion, i, where, names["completion"]),
+                    }
                 ]
             messages = _with_assistant([*prompt, *answer], len(prompt), i, where)
             out.append({"messages": messages, "first_trained": len(prompt)})
