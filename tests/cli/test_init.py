@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -64,6 +65,16 @@ def test_an_unknown_option_is_refused_with_a_suggestion(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments: --optimiser (did you mean --optimizer?)" in err
+
+
+def test_the_suggestion_does_not_depend_on_transformers_being_imported(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # As in a process (a test session, a notebook) that imported transformers before parsing.
+    importlib.import_module("transformers.training_args")
+    with pytest.raises(SystemExit):
+        parse_args(["train", "--optimiser", "sgd"])
+    assert "(did you mean --optimizer?)" in capsys.readouterr().err
 
 
 def test_training_arguments_and_abbreviations_still_parse() -> None:

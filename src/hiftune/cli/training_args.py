@@ -16,7 +16,6 @@ import ast
 import contextlib
 import functools
 import importlib.util
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -129,11 +128,13 @@ def could_be_training_option(arg: str) -> bool:
     """Whether ``arg`` (``--name``, ``--name=value``, ``--no-name``) may be a pass-through option.
 
     An abbreviation counts, as argparse accepts one. ``True`` when the field names cannot be read
-    from the source, or ``transformers`` is imported already (then the full parser decides).
+    from the source (then the full parser decides). The source is read even where
+    ``transformers`` is imported already, so that the answer, and the hint for a typo, do not
+    depend on what the process imported before.
     """
     if not arg.startswith("-") or _is_number(arg):
         return False  # a value, not an option
-    names = None if "transformers.training_args" in sys.modules else _option_strings()
+    names = _option_strings()
     if names is None:
         return True
     typed = arg.split("=", 1)[0]
