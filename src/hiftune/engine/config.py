@@ -60,6 +60,10 @@ class HiFTConfig:
         precision: ``"fp32"``, or ``"bf16"`` / ``"fp16"`` for hierarchical mixed precision: the
             model's weights stay in half precision and fp32 master weights exist only for the
             active group on the device.
+        compact_masters: With ``precision="bf16"``, store each inactive group's fp32 masters as
+            the low bits their bf16 weights lack (2.125 bytes per parameter instead of 4; see
+            :mod:`hiftune.engine.state.compact`). Exact: training equals ``False`` bit for bit,
+            and checkpoints hold whole masters either way. No effect with other precisions.
         sync_gradients: Average the active group's gradients over all ranks in :meth:`step`
             (data parallelism without DDP, which cannot follow HiFT's changing set of trainable
             parameters). ``None`` does it whenever ``torch.distributed`` is initialised with more
@@ -106,6 +110,10 @@ class HiFTConfig:
     offload_dir: str | None = field(default=None, metadata={"help": "Directory for disk paging."})
     prefetch: bool = field(default=True, metadata={"help": "Prefetch the next group's state."})
     precision: Precision = field(default="fp32", metadata={"help": f"One of {PRECISIONS}."})
+    compact_masters: bool = field(
+        default=True,
+        metadata={"help": "bf16: page out masters as the low bits their bf16 weights lack."},
+    )
     sync_gradients: bool | None = field(
         default=None,
         metadata={
@@ -169,6 +177,8 @@ class HiFTConfig:
             raise ValueError(
                 f"sync_gradients must be None, True or False, got {self.sync_gradients!r}"
             )
+        if self.compact_masters not in (True, False):
+            raise ValueError(f"compact_masters must be True or False, got {self.compact_masters!r}")
         if self.shard_state not in (True, False):
             raise ValueError(f"shard_state must be True or False, got {self.shard_state!r}")
         if self.shard_state and self.precision != "fp32":

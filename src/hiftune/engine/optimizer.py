@@ -151,10 +151,18 @@ class HiFTOptimizer(torch.optim.Optimizer):
         if self._sharding is not None:
             self._store = self._sharding.wrap(self._store)
         # Each group's inner optimizer and fp32 masters (empty in fp32 training), paged together.
+        compact = self.config.compact_masters and self.config.precision == "bf16"
         self._states = GroupStates(
             self._store,
             [group_name(g) for g in every],
             pinned=() if self._always is None else (self._always,),
+            # The model weight behind each master: paged-out masters are their low bits.
+            sources=[
+                [(named[n], rows) for n, rows in zip(t.names, t.rows, strict=True)]
+                for t in self._tensors
+            ]
+            if compact
+            else None,
         )
         self._inner = self._states.inner
         self._masters = self._states.masters

@@ -5,7 +5,8 @@ what it needs to know about such an instance without touching its code: how to g
 options, and how its ``state`` (plus the group's fp32 masters) becomes the flat ``{name: tensor}``
 dict a :class:`~hiftune.engine.state.store.StateStore` holds, and back (:class:`GroupStates` pages every
 group's state in and out). The flat names are ``state.<i>.<key>`` for the state entry ``key`` of the
-optimizer's i-th parameter, and ``master.<i>`` for the i-th master weight.
+optimizer's i-th parameter, and ``master.<i>`` for the i-th master weight; with compact masters
+(:mod:`.compact`) a paged-out master is ``low.<i>`` and ``carry.<i>`` instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import compact
 from .store import StateStore
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,10 @@ logger = logging.getLogger(__name__)
 ParamGroupsFn = Callable[[list[tuple[str, nn.Parameter]]], list[dict[str, Any]]]
 
 Tensors = dict[str, torch.Tensor]
+
+#: Per group, the model weight behind each master and the rows of it the master covers (``None``:
+#: all of it), in master order: what compact masters are rebuilt from.
+Sources = Sequence[Sequence[tuple[nn.Parameter, tuple[int, int] | None]]]
 
 
 def param_groups(
@@ -123,10 +129,17 @@ class GroupStates:
         store: Where paged-out groups live.
         names: A readable name per group, for messages.
         pinned: Groups that are never paged out (the always-active parameters').
+        sources: Each group's weights behind its masters, to store bf16 masters compactly (see
+            :mod:`.compact`): a paged-out master is then the low bits its bf16 weight lacks.
+            ``None`` stores masters whole.
     """
 
     def __init__(
-        self, store: StateStore, names: Sequence[str], pinned: Collection[int] = ()
+        self,
+        store: StateStore,
+        names: Sequence[str],
+        pinned: Collection[int] = (),
+        sources: Sources | None = None,
     ) -> None:
         self.store = store
         self.names = list(names)
@@ -135,6 +148,10 @@ class GroupStates:
         self.masters: list[list[nn.Parameter]] = []
         self.resident: set[int] = set()
         self._scalars: list[dict[str, Any]] = []
+        self._sources = sources
+        # Groups whose masters may not round to their weights (loaded from a checkpoint): their
+        # next page-out checks each master before storing it compactly.
+        self._unchecked: set[int] = set()
 
     def add(self, optimizer: torch.optim.Optimizer, masters: list[nn.Parameter]) -> None:
         """Adds the next group, resident, and pages it out (some optimizers, e.g. Adagrad,
@@ -155,6 +172,7 @@ class GroupStates:
         if b not in self.resident or b in self.pinned:
             return
         tensors, scalars = flatten_state(self.inner[b], self.masters[b])
+        tensors, checked = self._compact(b, tensors)
         try:
             self.store.put(b, tensors)
         except BaseException:
@@ -164,6 +182,8 @@ class GroupStates:
             )
             raise
         self._scalars[b] = scalars
+        if checked:
+            self._unchecked.discard(b)
         clear_state(self.inner[b], self.masters[b])
         self.resident.discard(b)
 
@@ -171,7 +191,8 @@ class GroupStates:
         """Brings group ``b``'s state back from the store (nothing if it is resident)."""
         if b in self.resident:
             return
-        fill_state(self.inner[b], self.masters[b], self.store.get(b), self._scalars[b])
+        tensors = self._expand(b, self.store.get(b))
+        fill_state(self.inner[b], self.masters[b], tensors, self._scalars[b])
         self.resident.add(b)
 
     def copy(self, b: int, with_masters: bool) -> dict[str, Any]:
@@ -182,7 +203,7 @@ class GroupStates:
         paged_out = b not in self.resident
         inner, masters = self.inner[b], self.masters[b]
         if paged_out:
-            fill_state(inner, masters, self.store.peek(b), self._scalars[b])
+            fill_state(inner, masters, self._expand(b, self.store.peek(b)), self._scalars[b])
         saved = {
             "optimizer": inner.state_dict(),
             "masters": [m.data.to("cpu") for m in masters] if with_masters else None,
@@ -201,6 +222,7 @@ class GroupStates:
         if saved.get("masters") is not None:
             for m, data in zip(self.masters[b], saved["masters"], strict=True):
                 m.data = data.to(device=device, dtype=torch.float32)
+            self._unchecked.add(b)
         self.resident.add(b)
         self.page_out(b)
 
@@ -215,10 +237,46 @@ class GroupStates:
                 continue
             if b not in self.resident:
                 try:
-                    fill_state(inner, masters, self.store.get(b), self._scalars[b])
+                    tensors = self._expand(b, self.store.get(b))
+                    fill_state(inner, masters, tensors, self._scalars[b])
                 except Exception as e:  # a damaged state file must not stop the close
                     logger.warning("group %r keeps its half-precision weights: %s", b, e)
                     continue
             yield b, [m.data for m in masters]
             clear_state(inner, masters)
             self.resident.discard(b)
+
+    def _compact(self, b: int, tensors: Tensors) -> tuple[Tensors, bool]:
+        """``tensors`` with each master that allows it replaced by its low bits and carries, and
+        whether each master of an unchecked group was found to round to its weight."""
+        if self._sources is None:
+            return tensors, True
+        check = b in self._unchecked
+        matched = True
+        out = dict(tensors)
+        for i, weight in enumerate(_weights(self._sources[b])):
+            master = out[f"master.{i}"]
+            if not compact.applies(master, weight):
+                continue
+            if check and not compact.matches(master, weight):
+                matched = False  # stored whole until a step writes it into its weight
+                continue
+            del out[f"master.{i}"]
+            out[f"low.{i}"], out[f"carry.{i}"] = compact.split_master(master, weight)
+        return out, matched
+
+    def _expand(self, b: int, tensors: Tensors) -> Tensors:
+        """Undoes :meth:`_compact`: every master whole again, on the device of its low bits."""
+        if self._sources is None or not any(k.startswith("low.") for k in tensors):
+            return tensors
+        out = dict(tensors)
+        for i, weight in enumerate(_weights(self._sources[b])):
+            if f"low.{i}" in out:
+                low, carry = out.pop(f"low.{i}"), out.pop(f"carry.{i}")
+                out[f"master.{i}"] = compact.join_master(weight.to(low.device), low, carry)
+        return out
+
+
+def _weights(sources: Sequence[tuple[nn.Parameter, tuple[int, int] | None]]) -> list[torch.Tensor]:
+    # The current data of a group's weights (a row shard's rows), one per master.
+    return [w.data if rows is None else w.data[rows[0] : rows[1]] for w, rows in sources]

@@ -117,17 +117,27 @@ def restore_weights(
             it, else ``(start, stop)`` of a row shard) and its data, which replaces the (less
             precise) half-precision values. Consumed one at a time, so a generator can bring the
             masters in group by group.
+
+    A weight with row shards keeps its half-precision data until every master is in: compact
+    masters (:mod:`.compact`) of its other rows are rebuilt from it, and its dtype before (fp16,
+    say) may not hold bf16 values exactly.
     """
     dtypes = {id(p): dtype for p, dtype in cast}
     done: set[int] = set()
-    for p, rows, data in masters:
-        if rows is None:
-            p.data = data.to(dtypes.get(id(p), torch.float32))
-        else:
-            if id(p) not in done:  # the whole weight back to its dtype, then its rows
-                p.data = p.data.to(dtypes.get(id(p), p.dtype))
-            p.data[rows[0] : rows[1]].copy_(data)
-        done.add(id(p))
+    # id -> (a row-sharded parameter, its new data so far)
+    sharded: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    try:
+        for p, rows, data in masters:
+            if rows is None:
+                p.data = data.to(dtypes.get(id(p), torch.float32))
+            else:
+                if id(p) not in sharded:  # the whole weight in its dtype, then its rows
+                    sharded[id(p)] = (p, p.data.to(dtypes.get(id(p), p.dtype)))
+                sharded[id(p)][1][rows[0] : rows[1]].copy_(data)
+            done.add(id(p))
+    finally:
+        for p, new in sharded.values():
+            p.data = new
     for p, dtype in cast:
         if id(p) not in done:
             p.data = p.data.to(dtype)
