@@ -261,7 +261,13 @@ def test_cli_json_rows(capsys):
             "weights_mib",
             "grads_mib",
             "states_mib",
+            "gradient_checkpointing",
+            "offload",
+            "paged_mib",
             "peak_group",
+            "device_gib",
+            "host_gib",
+            "disk_gib",
         )
     }
     assert {r["peak_group"] for r in rows if r["method"] == "fpft"} == {"all"}

@@ -6,11 +6,14 @@ import argparse
 import dataclasses
 import json
 import sys
+from typing import Any
 
-from ..engine.config import PRECISIONS
+from ..engine.config import OFFLOADS, PRECISIONS
 from ..engine.optimizers import OPTIMIZERS
+from ..errors import UserError
 from ..memory.distributed import DISTRIBUTED_MODES, RankEstimate, estimate_per_rank
 from ..memory.estimate import DEFAULT_PRECISIONS, HIFT_MIXED, build_meta_model, estimate, render
+from ..memory.fit import CHECKPOINTING, PAGING, PRECISION, SMALLER_BATCH, Plan, fit
 from ..memory.render import markdown_table
 from .options import (
     MemorySchedule,
@@ -21,7 +24,7 @@ from .options import (
     model_config,
     split_config,
 )
-from .types import comma_list, positive_int
+from .types import comma_list, positive_float, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +68,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seq-len", type=int, help="with --batch-size: sequence length")
     parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="count activations as hiftune train --gradient-checkpointing keeps them: every "
+        "block's input plus one block's recomputed tensors",
+    )
+    parser.add_argument(
+        "--offload",
+        choices=OFFLOADS,
+        default="host",
+        help="where HiFT keeps inactive groups' optimizer state and fp32 masters, as hiftune "
+        "train --offload: none = on the device, host = host memory, disk = files (default host)",
+    )
+    parser.add_argument(
+        "--fit",
+        type=positive_float,
+        metavar="DEVICE_GIB",
+        help="search precision, offload, m, gradient checkpointing and batch size (the given one, "
+        "then smaller) for the fastest HiFT plan whose device memory is at most DEVICE_GIB; "
+        "print it, or the least it would need and exit 1 (needs --batch-size and --seq-len)",
+    )
+    parser.add_argument(
+        "--host-memory",
+        type=positive_float,
+        metavar="GIB",
+        help="with --fit: host memory available for paged state (default: no limit)",
+    )
+    parser.add_argument(
         "--processes",
         type=positive_int,
         help="also predict HiFT's memory per rank on this many processes (docs/distributed.md)",
@@ -86,8 +116,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs ``hiftune estimate``: prints a table (or JSON) to stdout."""
+    """Runs ``hiftune estimate``: prints a table (or JSON) to stdout; with ``--fit``, 1 when
+    nothing fits."""
     model = build_meta_model(model_config(args), args.task, args.num_labels)
+    if args.fit is not None or args.host_memory is not None:
+        return _fit(model, args)
     schedule = memory_schedule(model, args)
     rows = estimate(
         model,
@@ -100,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         num_labels=args.num_labels,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
+        gradient_checkpointing=args.gradient_checkpointing,
+        offload=args.offload,
     )
     combos = sorted({(r.optimizer, r.precision) for r in rows})
     per_rank = _per_rank(model, args, combos, schedule)
@@ -123,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         units_per_group=schedule.units_per_group,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
+        offload=args.offload,
     )
     print(text, end="")
     for note in schedule.notes:
@@ -189,3 +225,75 @@ def _render_per_rank(
     if half_left_out:
         lines.append("sharded state trains in fp32 only: half-precision rows left out")
     return "\n".join(lines) + "\n"
+
+
+def _fit(model: Any, args: argparse.Namespace) -> int:
+    """``--fit``: the fastest plan that fits, or the least it would need (exit 1)."""
+    if args.fit is None:
+        raise UserError("--host-memory goes with --fit DEVICE_GIB")
+    if args.batch_size is None or args.seq_len is None:
+        raise UserError("--fit needs --batch-size and --seq-len (activations decide the fit)")
+    if args.optimizer is not None and len(args.optimizer) != 1:
+        raise UserError("--fit plans for one optimizer; give one --optimizer (default adamw)")
+    optimizer = args.optimizer[0] if args.optimizer else "adamw"
+    schedule = memory_schedule(model, args)
+    answer = fit(
+        model,
+        device_gib=args.fit,
+        host_gib=args.host_memory,
+        optimizer=optimizer,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        config=split_config(args, schedule),
+        task=args.task,
+        num_labels=args.num_labels,
+    )
+    if args.json:
+        print(json.dumps(answer.to_dict(), indent=2))
+        return 0 if answer.plan else 1
+    host = "no host limit" if args.host_memory is None else f"{args.host_memory:g} GiB host"
+    print(
+        f"{args.model} ({args.task}), HiFT with {optimizer}, batch {args.batch_size} x "
+        f"{args.seq_len}: fit in {args.fit:g} GiB device, {host}.\n"
+    )
+    named = [("fits", answer.plan), ("fastest, ignoring the limits", answer.fastest)]
+    if answer.least is not None:
+        named[0] = ("least it would need", answer.least)
+    print(markdown_table([_plan_line(name, p) for name, p in named if p is not None]))
+    if answer.least is not None:
+        print(
+            f"Nothing fits: the plan needing the least device memory needs "
+            f"{answer.least.device_gib:.2f} GiB device, {answer.least.host_gib:.2f} GiB host."
+        )
+    if answer.plan is not None:
+        p = answer.plan
+        print(
+            f"Plan: --precision {p.precision} --offload {p.offload} --units-per-group "
+            f"{p.units_per_group}{' --gradient-checkpointing' if p.gradient_checkpointing else ''}"
+            f" --batch-size {p.batch_size}: {1 / p.relative_step_time:.2f}x the fastest plan's "
+            f"samples/s, {p.relative_time:.1f}x its time to update every parameter once."
+        )
+    print(
+        "Speed is a model (docs/estimate.md): time to update every parameter once = groups x step "
+        f"time; step time x{CHECKPOINTING} with checkpointing, x{PAGING['host']} host / "
+        f"x{PAGING['disk']} disk paging, x{PRECISION['fp32']} fp32, x{SMALLER_BATCH} per halving "
+        "of the batch."
+    )
+    return 0 if answer.plan else 1
+
+
+def _plan_line(name: str, p: Plan) -> dict[str, Any]:
+    return {
+        "": name,
+        "precision": p.precision,
+        "offload": p.offload,
+        "m": p.units_per_group,
+        "groups": p.groups,
+        "checkpointing": "on" if p.gradient_checkpointing else "off",
+        "batch": p.batch_size,
+        "device GiB": p.device_gib,
+        "host GiB": p.host_gib,
+        "disk GiB": p.disk_gib,
+        "samples/s (rel.)": 1 / p.relative_step_time,
+        "time to update all (rel.)": p.relative_time,
+    }

@@ -49,12 +49,12 @@ from typing import Any
 
 from torch import nn
 
-from ..engine.config import PRECISIONS, HiFTConfig
+from ..engine.config import OFFLOADS, PRECISIONS, HiFTConfig
 from ..engine.optimizers import METHODS, OPTIMIZERS
 from ..engine.rowgrad import row_gradient_names
 from ..engine.split.units import Unit, group_name, group_units, split_model, unit_numel
 from ..errors import UserError, first_line
-from .activations import activation_estimates
+from .activations import PassCache, activation_estimates
 from .configs import build_model, head_of, resolve_config
 from .render import markdown_table
 from .state_sizer import StateSizer
@@ -117,7 +117,16 @@ class EstimateRow:
         states_mib: Optimizer state at the peak, MiB.
         group: Which group sets HiFT's peak (``"all"`` for FPFT).
         activations_mib_estimate: Estimated saved activations at the peak, MiB, when a batch size
-            and sequence length were given; else ``None``.
+            and sequence length were given; else ``None``. The logits are not in it.
+        logits_mib_estimate: The loss's logits at the peak (saved, and their fp32 gradient),
+            MiB, with the activations; else ``None``.
+        gradient_checkpointing: Whether the activations are counted as Hugging Face's gradient
+            checkpointing keeps them.
+        offload: Where HiFT keeps its paged optimizer state and fp32 masters: ``"none"`` (on the
+            device: counted in ``weights_mib`` and ``states_mib``), ``"host"`` or ``"disk"``
+            (``paged_mib``). ``"none"`` for FPFT.
+        paged_mib: Every group's optimizer state and fp32 masters as paged out to host memory
+            or disk, MiB (0 with ``offload="none"`` and for FPFT).
     """
 
     method: str
@@ -130,19 +139,41 @@ class EstimateRow:
     states_mib: float
     group: str = "all"
     activations_mib_estimate: float | None = None
+    logits_mib_estimate: float | None = None
+    gradient_checkpointing: bool = False
+    offload: str = "none"
+    paged_mib: float = 0.0
 
     @property
     def total_gib(self) -> float:
-        """Weights + gradients + optimizer state, GiB (activations not included)."""
+        """Weights + gradients + optimizer state on the device, GiB (activations not included)."""
         return (self.weights_mib + self.grads_mib + self.states_mib) / 1024
 
+    @property
+    def device_gib(self) -> float:
+        """Everything on the device: :attr:`total_gib` + activations + logits (as estimated)."""
+        extra = (self.activations_mib_estimate or 0.0) + (self.logits_mib_estimate or 0.0)
+        return self.total_gib + extra / 1024
+
+    @property
+    def host_gib(self) -> float:
+        """Paged optimizer state and fp32 masters in host memory, GiB."""
+        return self.paged_mib / 1024 if self.offload == "host" else 0.0
+
+    @property
+    def disk_gib(self) -> float:
+        """Paged optimizer state and fp32 masters on disk, GiB."""
+        return self.paged_mib / 1024 if self.offload == "disk" else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        """The row as JSON-ready values (``group`` as ``peak_group``); the activation key only
-        when it was estimated."""
+        """The row as JSON-ready values (``group`` as ``peak_group``, plus ``device_gib``,
+        ``host_gib`` and ``disk_gib``); the activation and logit keys only when estimated."""
         out = asdict(self)
         out["peak_group"] = out.pop("group")
-        if out["activations_mib_estimate"] is None:
-            del out["activations_mib_estimate"]
+        for key in ("activations_mib_estimate", "logits_mib_estimate"):
+            if out[key] is None:
+                del out[key]
+        out.update(device_gib=self.device_gib, host_gib=self.host_gib, disk_gib=self.disk_gib)
         return out
 
 
@@ -180,6 +211,9 @@ def estimate(
     num_labels: int = 2,
     batch_size: int | None = None,
     seq_len: int | None = None,
+    gradient_checkpointing: bool = False,
+    offload: str = "host",
+    cache: PassCache | None = None,
 ) -> list[EstimateRow]:
     """Predicts the memory of FPFT and HiFT for each optimizer and precision.
 
@@ -203,6 +237,13 @@ def estimate(
         num_labels: Classes of a ``seq-cls`` or ``image-cls`` head.
         batch_size: With ``seq_len``, also estimate saved activations (needs a meta model).
         seq_len: Sequence length of the activation estimate.
+        gradient_checkpointing: Count activations as Hugging Face's gradient checkpointing
+            keeps them (:mod:`hiftune.memory.activations`).
+        offload: HiFT's :attr:`HiFTConfig.offload`: ``"none"`` keeps every group's optimizer
+            state and fp32 masters on the device; ``"host"`` / ``"disk"`` page them out
+            (:attr:`EstimateRow.paged_mib`), keeping the active group's on the device.
+        cache: Forward passes of the activation estimate already run on this ``model``
+            (:data:`~hiftune.memory.activations.PassCache`), shared between calls.
 
     Returns:
         One row per (method, optimizer, precision, mode): FPFT rows first, then HiFT, in the order
@@ -222,6 +263,8 @@ def estimate(
                 f"precision must be one of {', '.join(PRECISIONS)}; got {p!r} (standard mixed "
                 "precision and mixed^Hi are bf16/fp16 rows, chosen by hift_mixed)"
             )
+    if offload not in OFFLOADS:
+        raise UserError(f"offload must be one of {', '.join(OFFLOADS)}; got {offload!r}")
     if hift_mixed not in HIFT_MIXED:
         raise UserError(f"hift_mixed must be one of {', '.join(HIFT_MIXED)}; got {hift_mixed!r}")
     if not optimizers or not precisions:
@@ -263,10 +306,15 @@ def estimate(
     }
 
     activations = (
-        activation_estimates(model, groups, precisions, head, batch_size, seq_len)
+        activation_estimates(
+            model, groups, precisions, head, batch_size, seq_len, gradient_checkpointing, cache
+        )
         if batch_size is not None and seq_len is not None
         else None
     )
+    # What HiFT pages: every group's state and masters (the always-active ones stay put).
+    paged_parts = [p for g in groups for p in _parts(g, named, rowgrad)]
+    always_parts = _parts([always], named, rowgrad) if always else []
 
     rows: dict[str, list[EstimateRow]] = {"fpft": [], "hift": []}
     for opt_name in optimizers:
@@ -277,6 +325,17 @@ def estimate(
                 for mode in modes(method, precision, hift_mixed):
                     group, parts = _peak(candidates[method], mode, named, sizer)
                     n_peak = sum(p.numel for p in parts)
+                    masters = _FP32 if mode == "mixed^Hi" else 0
+                    states = sum(sizer.bytes(p.shape) for p in parts)
+                    paged = sum(p.numel * masters + sizer.bytes(p.shape) for p in paged_parts)
+                    # Without paging every group's masters and state stay on the device.
+                    extra_masters = extra_states = 0
+                    where = offload if method == "hift" else "none"
+                    if where == "none" and method == "hift":
+                        kept = [*paged_parts, *always_parts]
+                        extra_masters = masters * (sum(p.numel for p in kept) - n_peak)
+                        extra_states = sum(sizer.bytes(p.shape) for p in kept) - states
+                        paged = 0
                     method_rows.append(
                         EstimateRow(
                             method=method,
@@ -284,11 +343,16 @@ def estimate(
                             precision=precision,
                             mode=mode,
                             trainable_params=n_peak,
-                            weights_mib=_weight_bytes(mode, all_params, n_peak) / MiB,
+                            weights_mib=(_weight_bytes(mode, all_params, n_peak) + extra_masters)
+                            / MiB,
                             grads_mib=_grad_bytes(mode, parts, named) / MiB,
-                            states_mib=sum(sizer.bytes(p.shape) for p in parts) / MiB,
+                            states_mib=(states + extra_states) / MiB,
                             group=group,
-                            activations_mib_estimate=act,
+                            activations_mib_estimate=act.activations if act else None,
+                            logits_mib_estimate=act.logits if act else None,
+                            gradient_checkpointing=gradient_checkpointing,
+                            offload=where,
+                            paged_mib=paged / MiB if method == "hift" else 0.0,
                         )
                     )
     return rows["fpft"] + rows["hift"]
@@ -361,6 +425,7 @@ def render(
     units_per_group: int,
     batch_size: int | None = None,
     seq_len: int | None = None,
+    offload: str = "host",
 ) -> str:
     """The rows as a Markdown table with a title line and, with activations, a note on them.
 
@@ -372,6 +437,7 @@ def render(
         units_per_group: m, for the title.
         batch_size: The activation estimate's batch size, if any, for the note.
         seq_len: Its sequence length.
+        offload: HiFT's offload, for the title.
     """
     with_act = bool(rows) and rows[0].activations_mib_estimate is not None
     table = []
@@ -390,18 +456,25 @@ def render(
         }
         if with_act and r.activations_mib_estimate is not None:
             line["activations MiB (estimate)"] = r.activations_mib_estimate
-            line["total + act. GiB (estimate)"] = r.total_gib + r.activations_mib_estimate / 1024
+            line["logits MiB (estimate)"] = r.logits_mib_estimate or 0.0
+            line["device GiB (estimate)"] = r.device_gib
+        line["host GiB"] = r.host_gib
+        line["disk GiB"] = r.disk_gib
         table.append(line)
     text = (
         f"{model} ({task}): {params / 1e6:,.2f}M parameters, m={units_per_group}; "
         "MiB = 2^20 bytes, GiB = 2^30 bytes; total = weights + grads + optimizer states (before "
-        "activations); mode: mixed = fp32 masters of every weight, mixed^Hi = of the peak group."
-        f"\n\n{markdown_table(table)}"
+        "activations) on the device; mode: mixed = fp32 masters of every weight, mixed^Hi = of "
+        "the peak group; host/disk = HiFT's optimizer state and fp32 masters paged out "
+        f"(offload {offload}).\n\n{markdown_table(table)}"
     )
     if with_act:
+        checkpointed = ", with gradient checkpointing" if rows[0].gradient_checkpointing else ""
         text += (
-            f"\nActivations (batch {batch_size} x {seq_len}) are an estimate: tensors saved for "
-            "backward in one forward pass on the meta device (HiFT: the largest over groups); "
-            "GPU kernels, backward temporaries and allocator overhead are not included.\n"
+            f"\nActivations (batch {batch_size} x {seq_len}{checkpointed}) are an estimate: "
+            "tensors saved for backward in one forward pass on the meta device (HiFT: the largest "
+            "over groups); logits = the loss's logits saved (upcast to fp32) and their fp32 "
+            "gradient; device = total + activations + logits. GPU kernels, other backward "
+            "temporaries and allocator overhead are not included.\n"
         )
     return text
