@@ -49,3 +49,68 @@ def test_bad_process_count_is_one_line(capsys):
         main(["estimate", "smollm2-135m", "--processes", "0"])
     assert e.value.code == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    """A config.json of a 4-block Llama: the fit search runs hundreds of estimates."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ).save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_fit_prints_the_plan_and_exits_0_when_it_fits(tiny_llama, capsys):
+    argv = ["estimate", tiny_llama, "--seq-len", "64", "--batch-size", "2"]
+    assert main([*argv, "--fit", "0.02", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    plan = answer["plan"]
+    assert plan["device_gib"] <= 0.02 and answer["least"] is None
+    assert answer["fastest"]["relative_time"] == 1.0
+    assert main([*argv, "--fit", "0.02"]) == 0
+    out = capsys.readouterr().out
+    assert f"--precision {plan['precision']} --offload {plan['offload']}" in out
+    assert "| fits |" in out and "| fastest, ignoring the limits |" in out
+
+
+def test_fit_exits_1_with_the_least_it_would_need(tiny_llama, capsys):
+    argv = ["estimate", tiny_llama, "--seq-len", "64", "--batch-size", "1"]
+    assert main([*argv, "--fit", "0.0001", "--host-memory", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "Nothing fits: the plan needing the least device memory needs" in out
+    assert "| least it would need | bf16 | disk | 1 |" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--host-memory", "8"], "--host-memory goes with --fit"),
+        (["--fit", "8"], "--fit needs --batch-size and --seq-len"),
+        (["--fit", "8", "--seq-len", "8", "--batch-size", "1", "--optimizer", "adamw,sgd"], "one"),
+    ],
+)
+def test_fit_misuse_is_one_line(extra, message, capsys):
+    assert main(["estimate", "smollm2-135m", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpointing_and_offload_reach_the_rows(tiny_llama, capsys):
+    argv = ["estimate", tiny_llama, "--optimizer", "adamw", "--precision", "bf16", "--json"]
+    act = ["--seq-len", "32", "--batch-size", "1"]
+    assert main([*argv, *act, "--offload", "disk", "--gradient-checkpointing"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    hift = next(r for r in rows if r["method"] == "hift")
+    assert hift["offload"] == "disk" and hift["gradient_checkpointing"] is True
+    assert hift["host_gib"] == 0 and hift["disk_gib"] == hift["paged_mib"] / 1024 > 0
+    assert main([*argv, *act]) == 0
+    plain = next(r for r in json.loads(capsys.readouterr().out) if r["method"] == "hift")
+    assert plain["host_gib"] == hift["disk_gib"]  # host paging by default, as hiftune train
+    assert plain["activations_mib_estimate"] > hift["activations_mib_estimate"]

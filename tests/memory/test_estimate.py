@@ -10,7 +10,7 @@ import torch
 from hiftune import HiFTConfig
 from hiftune.cli import main
 from hiftune.errors import UserError
-from hiftune.memory.estimate import EstimateRow, build_meta_model, estimate
+from hiftune.memory.estimate import EstimateRow, MiB, build_meta_model, estimate
 from hiftune.memory.measure import current_memory_mib
 from hiftune.memory.state_sizer import StateSizer
 
@@ -403,3 +403,83 @@ def test_always_active_parameters_are_part_of_every_hift_peak():
     assert always.trainable_params == plain.trainable_params + head
     assert always.grads_mib == pytest.approx(plain.grads_mib + head * 4 / 2**20)
     assert always.states_mib == pytest.approx(plain.states_mib + head * 8 / 2**20)
+
+
+def _tiny_llama(layers: int = 2, vocab: int = 1000, hidden: int = 64):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_logits_are_batch_seq_vocab_in_fp32_and_their_gradient(precision):
+    rows = estimate(
+        _tiny_llama(), optimizers=["sgd"], precisions=[precision], batch_size=2, seq_len=8
+    )
+    # The loss's fp32 log-probabilities (saved) and their fp32 gradient: 2 x 8 x 1000 x (4 + 4).
+    for row in rows:
+        assert row.logits_mib_estimate * MiB == 2 * 8 * 1000 * 8
+        assert row.device_gib == pytest.approx(
+            row.total_gib + (row.activations_mib_estimate + row.logits_mib_estimate) / 1024
+        )
+    assert "logits_mib_estimate" in rows[0].to_dict()
+
+
+def test_gradient_checkpointing_keeps_each_block_input_and_one_block():
+    def fpft_activations(layers: int, checkpointing: bool) -> float:
+        rows = estimate(
+            _tiny_llama(layers),
+            optimizers=["sgd"],
+            precisions=["fp32"],
+            batch_size=2,
+            seq_len=8,
+            gradient_checkpointing=checkpointing,
+        )
+        row = next(r for r in rows if r.method == "fpft")
+        assert row.gradient_checkpointing is checkpointing
+        return row.activations_mib_estimate * MiB
+
+    # Two more blocks add two blocks' tensors without checkpointing, and only their two inputs
+    # (batch x seq x hidden fp32) with it: the one block recomputed at a time is the same size.
+    block = (fpft_activations(4, False) - fpft_activations(2, False)) / 2
+    assert fpft_activations(4, True) - fpft_activations(2, True) == 2 * (2 * 8 * 64 * 4)
+    assert block > 8 * (2 * 8 * 64 * 4)  # a block keeps far more than its input
+    # Checkpointed, 4 blocks keep 4 inputs and one block's tensors instead of 4 blocks' tensors.
+    # (the first norm saves a block's input: it is part of the block's tensors without it).
+    saved = fpft_activations(4, False) - fpft_activations(4, True)
+    assert saved == pytest.approx(3 * block - 3 * (2 * 8 * 64 * 4))
+
+
+@pytest.mark.parametrize("offload", ["none", "host", "disk"])
+def test_offload_puts_every_groups_state_and_masters_where_it_says(offload):
+    config = _tiny_llama()
+    params = sum(p.numel() for p in build_meta_model(config).parameters())
+    rows = _by_key(estimate(config, optimizers=["sgdm"], precisions=["bf16"], offload=offload))
+    fpft, hift = rows[("fpft", "sgdm", "mixed")], rows[("hift", "sgdm", "mixed^Hi")]
+    assert fpft.offload == "none" and fpft.paged_mib == 0 and fpft.host_gib == fpft.disk_gib == 0
+    assert hift.offload == offload
+    paged = params * (4 + 4) / MiB  # fp32 masters and the momentum of every parameter
+    if offload == "none":
+        # All on the device: the weights of standard mixed precision (2 + 4 bytes) and all state.
+        assert hift.paged_mib == 0 and hift.host_gib == hift.disk_gib == 0
+        assert hift.weights_mib == pytest.approx(fpft.weights_mib)
+        assert hift.states_mib == pytest.approx(fpft.states_mib)
+    else:
+        assert hift.paged_mib == pytest.approx(paged)
+        assert hift.weights_mib * MiB == params * 2 + hift.trainable_params * 4
+        assert (hift.host_gib, hift.disk_gib) == (
+            (paged / 1024, 0.0) if offload == "host" else (0.0, paged / 1024)
+        )
+    assert hift.to_dict()["host_gib"] == hift.host_gib
+
+
+def test_unknown_offload_is_a_user_error():
+    with pytest.raises(UserError, match="offload must be one of"):
+        estimate(_tiny_llama(), offload="gpu")
