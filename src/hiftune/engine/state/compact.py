@@ -26,8 +26,6 @@ import sys
 import torch
 from torch.distributed.tensor import DTensor
 
-Tensors = dict[str, torch.Tensor]
-
 # Which int16 of an fp32's two holds its low bits.
 _LOW, _HIGH = (0, 1) if sys.byteorder == "little" else (1, 0)
 _BITS = 8  # carries per byte
