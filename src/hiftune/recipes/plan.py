@@ -45,7 +45,8 @@ class MemoryFigure:
         weights: Weights (and fp32 masters) on the device.
         grads: Gradients.
         states: Optimizer state.
-        activations: Saved activations for the batch and sequence length (an estimate).
+        activations: Saved activations and the loss's logits for the batch and sequence length
+            (an estimate).
         peak_group: The group that sets the peak (``"all"`` for full fine-tuning).
     """
 
@@ -63,9 +64,10 @@ class MemoryFigure:
     @classmethod
     def of(cls, row: EstimateRow) -> MemoryFigure:
         """The figure of one estimator row."""
-        return cls(
-            row.weights_mib, row.grads_mib, row.states_mib, row.activations_mib_estimate, row.group
-        )
+        act = row.activations_mib_estimate
+        if act is not None:  # the estimator counts the loss's logits on their own
+            act += row.logits_mib_estimate or 0.0
+        return cls(row.weights_mib, row.grads_mib, row.states_mib, act, row.group)
 
 
 @dataclass
