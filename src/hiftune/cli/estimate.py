@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DEVICE_GIB",
         help="search precision, offload, m, gradient checkpointing and batch size (the given one, "
         "then smaller) for the fastest HiFT plan whose device memory is at most DEVICE_GIB; "
-        "print it, or the least it would need and exit 1 (needs --batch-size and --seq-len)",
+        "print it, or the least it would need and exit 1 (needs --batch-size and --seq-len; "
+        "--precision, --offload, -m and --gradient-checkpointing are searched, not read)",
     )
     parser.add_argument(
         "--host-memory",

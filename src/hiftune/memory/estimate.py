@@ -35,7 +35,13 @@ by running one forward pass on the ``meta`` device under
 :func:`torch.autograd.graph.saved_tensors_hooks` (for HiFT: once per group, with only that group
 trainable, keeping the largest). It is an **estimate**: the kernels chosen on a GPU (e.g. flash
 attention), temporaries of the backward pass, the allocator's caching and the CUDA context are not
-in it.
+in it. The loss's logits are a component of their own, and gradient checkpointing is counted as
+Hugging Face applies it (:mod:`hiftune.memory.activations`).
+
+Where HiFT's optimizer state and fp32 masters live follows ``offload``: with ``"none"`` every
+group's stay on the device; with ``"host"`` or ``"disk"`` the device holds the active group's and
+every group's are paged (:attr:`EstimateRow.paged_mib`). :mod:`hiftune.memory.fit` searches these
+choices for a plan that fits.
 """
 
 from __future__ import annotations
