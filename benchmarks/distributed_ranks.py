@@ -137,7 +137,10 @@ def main() -> None:
                 )
                 if row.method == "hift"
             ]
-            activations = hift[0].activations_mib_estimate or 0.0
+            # The loss's logits are their own figure now; this column has always held both.
+            activations = (hift[0].activations_mib_estimate or 0.0) + (
+                hift[0].logits_mib_estimate or 0.0
+            )
             for r in range(n):
                 got = json.loads((Path(tmp) / f"{mode}-{n}-{r}.json").read_text())
                 got["predicted_mib"] = round(predicted[r].total_mib, 1)

@@ -439,7 +439,7 @@ def check_memory_and_speed(report: Report, size: Size, device: torch.device) -> 
             continue
         row = next(r for r in predicted if r.method == method and r.precision == precision)
         total = row.weights_mib + row.grads_mib + row.states_mib
-        total += row.activations_mib_estimate or 0.0
+        total += (row.activations_mib_estimate or 0.0) + (row.logits_mib_estimate or 0.0)
         run["estimate_mib"] = total
         run["estimate_before_activations_mib"] = row.weights_mib + row.grads_mib + row.states_mib
         ratio = run["peak_allocated_mib"] / total
