@@ -74,6 +74,39 @@ def test_plan_states_the_split_and_the_estimate(llama, m: int) -> None:
         assert p.requires_grad and p.equal(before[n]), n
 
 
+@pytest.mark.parametrize("offload", ["host", "disk", "none"])
+def test_plan_splits_device_and_paged_memory_as_the_estimator(llama, offload: str) -> None:
+    """The paged state is where the run's offload puts it; checkpointing shrinks activations."""
+    cfg = TrainRecipeConfig(batch_size=2, max_length=16, optimizer="adamw", offload=offload)
+    plan = build_plan(llama, cfg, name="tiny")
+    (row,) = [
+        r
+        for r in estimate(
+            llama.config, units_per_group=plan.units_per_group, optimizers=["adamw"],
+            precisions=["fp32"], batch_size=2, seq_len=16, offload=offload,
+        )
+        if r.method == "hift"
+    ]  # fmt: skip
+    assert plan.hift is not None
+    assert plan.hift.host == pytest.approx(row.host_gib * 1024)
+    assert plan.hift.disk == pytest.approx(row.disk_gib * 1024)
+    where = {"host": "in host memory", "disk": "in files on disk"}.get(offload)
+    if where is None:  # nothing paged: everything is on the device
+        assert plan.hift.host == plan.hift.disk == 0 and "paged out" not in plan.format()
+    else:
+        assert getattr(plan.hift, offload) > 0 and where in plan.format()
+        assert json.loads(json.dumps(plan.to_dict()))["hift"][offload] == getattr(
+            plan.hift, offload
+        )
+    ckpt = TrainRecipeConfig(
+        batch_size=2, max_length=16, optimizer="adamw", offload=offload,
+        training_args={"gradient_checkpointing": True},
+    )  # fmt: skip
+    recomputed = build_plan(llama, ckpt, name="tiny").hift
+    assert recomputed is not None and plan.hift.activations is not None
+    assert recomputed.activations is not None and recomputed.activations < plan.hift.activations
+
+
 def test_plan_names_what_it_cannot_work_out(llama) -> None:
     cfg = TrainRecipeConfig(units_per_group=1, method="fpft", max_length=16)
     config = llama.config

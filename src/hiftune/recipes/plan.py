@@ -48,6 +48,9 @@ class MemoryFigure:
         activations: Saved activations and the loss's logits for the batch and sequence length
             (an estimate).
         peak_group: The group that sets the peak (``"all"`` for full fine-tuning).
+        host: The other groups' paged optimizer state and fp32 masters in host memory (host
+            paging; 0 otherwise), not part of :attr:`total`.
+        disk: The same on disk (disk paging).
     """
 
     weights: float
@@ -55,10 +58,12 @@ class MemoryFigure:
     states: float
     activations: float | None
     peak_group: str
+    host: float = 0.0
+    disk: float = 0.0
 
     @property
     def total(self) -> float:
-        """Everything above, MiB."""
+        """Everything on the device, MiB."""
         return self.weights + self.grads + self.states + (self.activations or 0.0)
 
     @classmethod
@@ -67,7 +72,15 @@ class MemoryFigure:
         act = row.activations_mib_estimate
         if act is not None:  # the estimator counts the loss's logits on their own
             act += row.logits_mib_estimate or 0.0
-        return cls(row.weights_mib, row.grads_mib, row.states_mib, act, row.group)
+        return cls(
+            row.weights_mib,
+            row.grads_mib,
+            row.states_mib,
+            act,
+            row.group,
+            host=row.host_gib * 1024,
+            disk=row.disk_gib * 1024,
+        )
 
 
 @dataclass
@@ -181,6 +194,12 @@ class Plan:
                 f"{compress_names([self.hift.peak_group])} vs FPFT {_gib(self.fpft)} "
                 f"({self.fpft.total / max(self.hift.total, 1e-9):.1f}x)"
             )
+            paged, where = max((self.hift.host, "host memory"), (self.hift.disk, "files on disk"))
+            if paged:
+                lines.append(
+                    f"  paged out: {paged / 1024:.2f} GiB in {where} (the other groups' optimizer "
+                    "state and fp32 masters), beside HiFT's device figure"
+                )
         if self.data:
             lines.append(f"  data: {self.data}")
         elif self.train_examples is not None:
@@ -281,6 +300,8 @@ def build_plan(
             num_labels=getattr(model.config, "num_labels", 2),
             batch_size=cfg.batch_size,
             seq_len=cfg.max_length,
+            gradient_checkpointing=_checkpointing(cfg),
+            offload=cfg.offload,
         )
     except Exception as e:  # e.g. a custom architecture that cannot be built from its config
         plan.notes.append(f"no memory estimate: {first_line(e)}")
@@ -289,6 +310,12 @@ def build_plan(
         plan.hift = MemoryFigure.of(by_method["hift"])
         plan.fpft = MemoryFigure.of(by_method["fpft"])
     return plan
+
+
+def _checkpointing(cfg: Any) -> bool:
+    """Whether the run recomputes activations (either of transformers' names for it)."""
+    extra = cfg.training_args
+    return bool(extra.get("gradient_checkpointing") or extra.get("activation_checkpointing"))
 
 
 def _state_budget(plan: Plan, schedule: Schedule, steps_per_epoch: int | None) -> None:
