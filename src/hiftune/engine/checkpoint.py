@@ -16,7 +16,7 @@ from .schedule.rotation import Rotation
 from .shards import GroupTensors
 from .state.inner import GroupStates
 from .state.precision import LossScaler
-from .state.state_dict import Layout, validate_state_dict
+from .state.state_dict import Layout, class_name, validate_state_dict
 from .state.zero import StateSharding, is_placeholder
 
 
@@ -24,34 +24,50 @@ class Checkpoint:
     """Saves and restores every group's state, the queue and the loss scaler of an optimizer.
 
     Args:
-        layout: What a checkpoint must match to load.
         tensors: Each group's tensors (bottom-up).
-        states: Each group's inner optimizer and masters.
+        states: Each group's inner optimizer and masters (built).
         rotation: The queue.
+        group_names: A readable name per group, for messages.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         scaler: The fp16 loss scaler, or ``None``.
         sharding: Which rank keeps each group's state (``shard_state``), or ``None``.
         always: The id of the always-active group (kept by every rank), or ``None``.
+
+    Attributes:
+        layout: What a checkpoint must match to load (also recorded in :meth:`save`'s output).
     """
 
     def __init__(
         self,
-        layout: Layout,
         tensors: list[GroupTensors],
         states: GroupStates,
         rotation: Rotation,
         *,
+        group_names: list[str],
+        precision: str,
         scaler: LossScaler | None,
         sharding: StateSharding | None,
         always: int | None,
     ) -> None:
-        self.layout = layout
+        rotating = len(rotation.order)
+        self.layout = Layout(
+            names=[t.labels for t in tensors],
+            group_names=list(group_names),
+            shapes=[t.shapes for t in tensors],
+            param_group_sizes=[[len(g["params"]) for g in i.param_groups] for i in states.inner],
+            optimizer_class=class_name(states.inner[0]),
+            precision=precision,
+            rotating=rotating,
+            steps_per_group=rotation.steps_per_group,
+            foreign=frozenset(b for b in range(rotating) if sharding and not sharding.owns(b)),
+        )
         self._tensors = tensors
         self._states = states
         self._rotation = rotation
         self._scaler = scaler
         self._sharding = sharding
         self._always = always
-        self._mixed = layout.precision != "fp32"
+        self._mixed = precision != "fp32"
 
     def save(self) -> dict[str, Any]:
         """The state dict; with ``shard_state`` on several ranks, a collective."""

@@ -10,6 +10,9 @@ model can always be handed back as the user expects:
   weight in its dtype with its exact values, trainable, with no shard views or wrapped forwards;
 * by ``close()``: trainable again, each trained weight taking its fp32 master (more precise than
   the half-precision weight trained with), each other weight cast back to its dtype.
+
+Before that, :func:`open_states` sets up where the groups' state will live (the store, sharded over
+ranks or not, with compact masters or whole).
 """
 
 from __future__ import annotations
@@ -20,13 +23,53 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import HiFTConfig
+from .distributed import world_size
 from .shards import GroupTensors
 from .state import precision
 from .state.inner import GroupStates, ParamGroupsFn, param_groups
+from .state.paging import make_store
 from .state.store import StateStore
+from .state.zero import StateSharding
 
 #: A weight (its rows, for a row shard) and the fp32 master data it takes back.
 Restore = tuple[nn.Parameter, tuple[int, int] | None, torch.Tensor]
+
+
+def open_states(
+    config: HiFTConfig,
+    store: StateStore | None,
+    tensors: Sequence[GroupTensors],
+    named: Mapping[str, nn.Parameter],
+    names: Sequence[str],
+    pinned: Sequence[int],
+) -> tuple[GroupStates, StateSharding | None]:
+    """Where every group's inner optimizer and fp32 masters will live, before they are built.
+
+    Args:
+        config: The optimizer's config: its offload, sharding and compact masters.
+        store: A store of the user's, or ``None`` for the one ``config.offload`` names.
+        tensors: Each group's tensors (bottom-up).
+        named: The model's parameters by name.
+        names: A readable name per group.
+        pinned: Groups whose state is never paged (the always-active one).
+
+    Returns:
+        The groups' states, and the sharding of their state over ranks (``shard_state`` on more
+        than one process: each rank keeps, and steps, only the groups it owns) or ``None``.
+    """
+    if store is None:
+        store = make_store(config.offload, config.offload_dir)
+    sharding = StateSharding() if config.shard_state and world_size() > 1 else None
+    if sharding is not None:
+        store = sharding.wrap(store)
+    sources = None
+    if config.compact_masters and config.precision == "bf16":
+        # The model weight behind each master: paged-out masters are their low bits.
+        sources = [
+            [(named[n], rows) for n, rows in zip(t.names, t.rows, strict=True)] for t in tensors
+        ]
+    return GroupStates(store, list(names), pinned=pinned, sources=sources), sharding
 
 
 class Handover:

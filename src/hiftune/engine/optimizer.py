@@ -29,19 +29,18 @@ from torch import nn
 from .checkpoint import Checkpoint
 from .claims import claim_model, release_claim, release_stale_claim
 from .config import HiFTConfig
-from .distributed import all_reduce_mean, should_sync, world_size
+from .distributed import all_reduce_mean, should_sync
 from .guards import NOT_COPYABLE, DivergedError, Lifecycle, Placement
-from .handover import Handover
+from .handover import Handover, open_states
 from .rowgrad import row_gradient_owners
 from .schedule.delay import DelayedLR
 from .schedule.rotation import split_groups
 from .shards import GroupTensors, take_grads
 from .split.units import Unit, group_name
 from .state import precision
-from .state.inner import GroupStates, ParamGroupsFn
-from .state.paging import make_store
+from .state.inner import ParamGroupsFn
 from .state.precision import DTYPES, LossScaler
-from .state.state_dict import STATE_DICT_VERSION, Layout, class_name
+from .state.state_dict import STATE_DICT_VERSION
 from .state.store import StateStore
 from .state.zero import StateSharding
 from .truncation import BackwardTruncation
@@ -143,27 +142,16 @@ class HiFTOptimizer(torch.optim.Optimizer):
             if self.config.precision == "fp16"
             else None
         )
-        self._store: StateStore = (
-            store if store is not None else make_store(self.config.offload, self.config.offload_dir)
-        )
-        # Sharded state: each rank keeps (and steps) only the groups it owns (see .zero).
-        self._sharding = StateSharding() if self.config.shard_state and world_size() > 1 else None
-        if self._sharding is not None:
-            self._store = self._sharding.wrap(self._store)
         # Each group's inner optimizer and fp32 masters (empty in fp32 training), paged together.
-        compact = self.config.compact_masters and self.config.precision == "bf16"
-        self._states = GroupStates(
-            self._store,
+        self._states, self._sharding = open_states(
+            self.config,
+            store,
+            self._tensors,
+            named,
             [group_name(g) for g in every],
             pinned=() if self._always is None else (self._always,),
-            # The model weight behind each master: paged-out masters are their low bits.
-            sources=[
-                [(named[n], rows) for n, rows in zip(t.names, t.rows, strict=True)]
-                for t in self._tensors
-            ]
-            if compact
-            else None,
         )
+        self._store: StateStore = self._states.store
         self._inner = self._states.inner
         self._masters = self._states.masters
         self._grads_ready = False
@@ -176,25 +164,12 @@ class HiFTOptimizer(torch.optim.Optimizer):
                     g["lr"] = g["lr"] * self.config.always_active_lr_scale
 
         super().__init__(self._collect_param_groups(), dict(self._inner[0].defaults))
-        # What a checkpoint must match to load (recorded in state_dict() too).
-        self._layout = Layout(
-            names=[t.labels for t in self._tensors],
-            group_names=[group_name(g) for g in every],
-            shapes=[t.shapes for t in self._tensors],
-            param_group_sizes=[[len(g["params"]) for g in i.param_groups] for i in self._inner],
-            optimizer_class=class_name(self._inner[0]),
-            precision=self.config.precision,
-            rotating=len(bottom_up),
-            steps_per_group=self.config.steps_per_group,
-            foreign=frozenset(
-                b for b in range(len(bottom_up)) if self._sharding and not self._sharding.owns(b)
-            ),
-        )
         self._checkpoint = Checkpoint(
-            self._layout,
             self._tensors,
             self._states,
             self._rotation,
+            group_names=[group_name(g) for g in every],
+            precision=self.config.precision,
             scaler=self._scaler,
             sharding=self._sharding,
             always=self._always,

@@ -189,8 +189,10 @@ def test_row_shards_with_an_always_active_head(batches):
     config = HiFTConfig(max_unit_params=300, always_active=HEAD)
     with pytest.warns(UserWarning, match="larger than the largest rotating group"):
         opt = HiFTOptimizer(model, torch.optim.AdamW, config, lr=LR)
-    assert any("[" in label for g in opt._layout.names for label in g)  # the embedding is sharded
-    assert opt._layout.names[-1] == ["lm_head.weight"]
+    assert any(
+        "[" in label for g in opt._checkpoint.layout.names for label in g
+    )  # the embedding is sharded
+    assert opt._checkpoint.layout.names[-1] == ["lm_head.weight"]
     before = snapshot(model)
     train_steps(model, opt, (batches * 4)[: opt.num_groups])
     after = snapshot(model)
